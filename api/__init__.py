@@ -1,0 +1,1 @@
+"""HTTP API for compression jobs (FastAPI service); implemented in issue 5."""

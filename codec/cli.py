@@ -1,0 +1,181 @@
+"""The `nwc` command line: compress, decompress, inspect, train-codec."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Neural Weight Compression (NWC).")
+
+
+@app.callback()
+def main() -> None:
+    """Neural Weight Compression: a learned, entropy-coded codec for neural-network weights."""
+
+
+def _weight_files(src: Path) -> list[Path]:
+    if src.is_file():
+        return [src]
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise typer.BadParameter(f"{src} holds no .safetensors files")
+    return files
+
+
+@app.command("train-codec")
+def train_codec_cmd(
+    source: list[Path] = typer.Option(
+        None, "--source", help="safetensors files or model dirs (default: all-mpnet-base-v2)"
+    ),
+    codec_id: str = typer.Option("nwc-w128-d2", "--id", help="id to register the trained codec under"),
+    width: int = typer.Option(128),
+    depth: int = typer.Option(2),
+    steps: int = typer.Option(3000),
+    batch: int = typer.Option(4096, help="chunks (16 weights each) per step"),
+    lr: float = typer.Option(1e-3),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="cpu, cuda or auto"),
+    weights_dir: Path = typer.Option(
+        None, help="where to write the checkpoint + registry (default: codec/weights)"
+    ),
+) -> None:
+    """Train the variable-rate codec on real weights, then tabulate and register it."""
+    import torch
+
+    from codec.model import CodecConfig
+    from codec.registry import WEIGHTS_DIR, export_codec
+    from codec.train import TrainConfig, report_json, train_codec
+
+    if not source:
+        from codec.assets import mpnet_dir
+
+        source = [mpnet_dir()]
+    files = [f for s in source for f in _weight_files(s)]
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    cfg = TrainConfig(steps=steps, batch_chunks=batch, lr=lr, seed=seed, device=dev)
+    model, report = train_codec(files, CodecConfig(width=width, depth=depth), cfg)
+    training = {
+        "command": "nwc " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {dev}",
+        "seconds": round(report.seconds, 1),
+        "sources": report.sources,
+        "steps": steps,
+        "batch_chunks": batch,
+        "seed": seed,
+        "final_val": report.history[-1]["val"] if report.history else {},
+    }
+    info = export_codec(model, codec_id, training, weights_dir or WEIGHTS_DIR)
+    out = (weights_dir or WEIGHTS_DIR) / f"{codec_id}.train.json"
+    out.write_text(report_json(report))
+    typer.echo(f"registered {info.id} ({info.file}, sha256 {info.sha256[:16]}…) in {report.seconds:.0f} s")
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def compress(
+    src: Path = typer.Argument(..., help="model directory of safetensors shards, or one .safetensors file"),
+    out: Path = typer.Option(..., "-o", "--out", help="bundle directory to write"),
+    bits: float = typer.Option(..., "--bits", help="target average bits per weight, every byte counted"),
+    codec_id: str = typer.Option(None, "--codec", help="registered codec id (default: the registry's default)"),
+    device: str = typer.Option("auto", help="cpu, cuda or auto"),
+    seed: int = typer.Option(0, help="seed of the rate-curve sampling"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Compress every tensor of SRC (model-free: no calibration data) to BITS bits/weight."""
+    from codec.container import ContainerError
+    from codec.pipeline import compress_model
+    from codec.ratecontrol import RateTargetError
+    from codec.source import SourceError
+
+    try:
+        r = compress_model(src, out, bits, codec_id=codec_id, device=device, progress=not quiet, seed=seed)
+    except (SourceError, RateTargetError, ContainerError, LookupError) as e:
+        _fail(e)
+    coded = [t for t in r.tensors if t.nmse is not None]
+    mean_nmse = sum(t.nmse * t.rows for t in coded) / max(sum(t.rows for t in coded), 1)
+    typer.echo(
+        f"{out}: {r.file_bytes / 1e6:.2f} MB, {r.measured_bits:.3f} bits/weight (target {bits:g}) over "
+        f"{r.total_params:,} params; mean normalized MSE {mean_nmse:.3e}; {r.seconds:.0f} s on {r.device}, "
+        f"peak RSS {r.peak_rss_mb:.0f} MB"
+    )
+
+
+@app.command()
+def decompress(
+    bundle: Path = typer.Argument(..., help="bundle directory (or .nwc file) written by `nwc compress`"),
+    out: Path = typer.Option(..., "-o", "--out", help="dense model directory to write"),
+    device: str = typer.Option("auto", help="cpu, cuda or auto"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Decode a bundle into a dense safetensors model directory that transformers loads."""
+    from codec.container import ContainerError
+    from codec.pipeline import decompress_model
+
+    try:
+        path = decompress_model(bundle, out, device=device, progress=not quiet)
+    except (ContainerError, ValueError, LookupError, FileExistsError) as e:
+        _fail(e)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def inspect(
+    bundle: Path = typer.Argument(..., help="bundle directory or .nwc file"),
+    verify: bool = typer.Option(False, help="read every tensor and check its checksum"),
+) -> None:
+    """Table of tensors: method, shape, bytes, bits/weight, error (from report.json) and checksum."""
+    import json
+
+    from codec.container import ContainerError, ContainerReader
+    from codec.pipeline import REPORT_FILE, bundle_file
+
+    report_path = Path(bundle) / REPORT_FILE
+    errors = {}
+    if report_path.exists():
+        errors = {t["name"]: t["nmse"] for t in json.loads(report_path.read_text())["tensors"]}
+    try:
+        with ContainerReader(bundle_file(bundle)) as r:
+            h = r.header
+            n = sum(e.numel for e in r.entries)
+            typer.echo(f"codec {h.codec_id or '-'} (sha256 {h.codec_sha256[:16]}), created by {h.created_by}")
+            typer.echo(f"{len(r.entries)} tensors, {n:,} params, {r.file_size:,} bytes, "
+                       f"{8 * r.file_size / max(n, 1):.4f} bits/weight (whole file)")
+            typer.echo(f"{'name':<56} {'method':<6} {'shape':<16} {'bytes':>11} {'bpw':>7} {'nmse':>9}  sha256")
+            for e in r.entries:
+                err = errors.get(e.name)
+                typer.echo(
+                    f"{e.name:<56} {e.method:<6} {'x'.join(map(str, e.shape)):<16} {e.nbytes:>11,} "
+                    f"{8 * e.nbytes / max(e.numel, 1):>7.3f} {'' if err is None else f'{err:.2e}':>9}  {e.sha256[:12]}"
+                )
+            if verify:
+                bad = r.verify()
+                if bad:
+                    _fail(ContainerError(f"corrupt tensors: {', '.join(bad)}"))
+                typer.echo("all checksums verified")
+    except ContainerError as e:
+        _fail(e)
+
+
+@app.command()
+def codecs() -> None:
+    """List the registered codecs."""
+    from codec.registry import list_codecs, read_registry
+
+    default = read_registry()["default"]
+    for c in list_codecs():
+        mark = "*" if c.id == default else " "
+        typer.echo(f"{mark} {c.id}  {c.file}  sha256 {c.sha256[:16]}  {c.config}  trained: {c.training.get('command')}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,351 @@
+"""Model-free compression of a whole checkpoint: source → plan → encode → container → verify-able bundle.
+
+A bundle is a directory: `model.nwc` (the container, every weight byte), the model's small files
+(config, tokenizer, ...) copied verbatim, and `report.json`. Tensors stream shard by shard and one at a
+time, so peak memory stays near one tensor plus the codec (two passes: plan, then encode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from codec import __version__
+from codec.chunking import as_matrix
+from codec.container import ContainerHeader, ContainerReader, ContainerWriter, TensorRecord
+from codec.ratecontrol import RateTargetError, column_levels, monotone
+from codec.registry import CodecIntegrityError, LoadedCodec, load_codec
+from codec.source import ModelSource, open_source, write_index
+from codec.tensor_codec import NWCTensorCodec
+from codec.tensors import DTYPES, from_bytes, to_bytes
+
+BUNDLE_FILE = "model.nwc"
+REPORT_FILE = "report.json"
+CURVE_SAMPLE_CHUNKS = 4096
+# Container bytes that are not payload: preamble + header JSON, and per tensor a table row.
+HEADER_ESTIMATE = 2048
+ENTRY_ESTIMATE = 320
+FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float64"}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def nmse(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """Mean over rows of row-MSE / row-variance (rows with zero variance skipped)."""
+    w, w_hat = w.float().reshape(w.shape[0], -1), w_hat.float().reshape(w.shape[0], -1)
+    var = w.var(dim=1, unbiased=False)
+    mse = (w - w_hat).pow(2).mean(dim=1)
+    keep = var > 0
+    return float((mse[keep] / var[keep]).mean()) if keep.any() else 0.0
+
+
+@dataclass
+class TensorReport:
+    name: str
+    shape: list[int]
+    method: str
+    numel: int
+    bytes: int
+    bits_per_weight: float
+    nmse: float | None = None
+    level: float | None = None
+    rows: int = 0
+
+
+@dataclass
+class CompressReport:
+    source: str
+    codec_id: str
+    codec_sha256: str
+    target_bits: float
+    measured_bits: float
+    file_bytes: int
+    total_params: int
+    coded_params: int
+    seconds: float
+    peak_rss_mb: float
+    device: str
+    tensors: list[TensorReport] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> CompressReport:
+        d = json.loads(text)
+        d["tensors"] = [TensorReport(**t) for t in d["tensors"]]
+        return cls(**d)
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    file: str
+    method: str  # nwc | raw | alias
+    numel: int
+    fixed_bytes: int  # payload bytes that do not depend on the rate (raw data, side info)
+    curve: np.ndarray | None = None  # bits/weight per level
+    alias_of: str | None = None
+
+
+def default_method(dtype: str, shape: tuple[int, ...]) -> str:
+    """Learned coding for float matrices with at least one full chunk; everything else stays lossless."""
+    coded = dtype in FLOAT_DTYPES and len(shape) >= 2 and shape[0] >= 16 and np.prod(shape) >= 4096
+    return "nwc" if coded else "raw"
+
+
+def rate_curve(tc: NWCTensorCodec, chunks: torch.Tensor, rows: int, cols: int, seed: int) -> np.ndarray:
+    """bits/weight of this tensor at every level, from a seeded sample of its chunks."""
+    flat = chunks.reshape(-1, chunks.shape[-1])
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(flat.shape[0], generator=g)[:CURVE_SAMPLE_CHUNKS]
+    sample = flat[idx]
+    L = tc.n_levels
+    reps = sample.unsqueeze(0).expand(L, -1, -1).reshape(L * len(idx), 1, -1)
+    levels = np.repeat(np.arange(L, dtype=np.uint8), len(idx))
+    bits = tc.column_bits(reps, levels).reshape(L, len(idx)).mean(axis=1)
+    return monotone(bits * flat.shape[0] / (rows * cols))
+
+
+class LevelSolver:
+    """Vectorized solve of the shared fractional level over the tensors not yet encoded."""
+
+    def __init__(self, curves: np.ndarray, numels: np.ndarray) -> None:
+        self.curves, self.numels = curves, numels.astype(np.float64)
+
+    def total(self, t: float, start: int) -> float:
+        lo = int(np.floor(t))
+        hi = min(lo + 1, self.curves.shape[1] - 1)
+        f = t - lo
+        c = self.curves[start:]
+        return float(self.numels[start:] @ ((1 - f) * c[:, lo] + f * c[:, hi]))
+
+    def solve(self, budget_bits: float, start: int = 0) -> float:
+        L = self.curves.shape[1]
+        if start >= len(self.curves):
+            return float(L - 1)
+        if self.total(0.0, start) > budget_bits:
+            raise RateTargetError("the requested bits/weight is below the lowest rate this codec reaches")
+        if self.total(L - 1, start) <= budget_bits:
+            return float(L - 1)
+        lo, hi = 0.0, float(L - 1)
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.total(mid, start) <= budget_bits else (lo, mid)
+        return lo
+
+
+def plan_model(source: ModelSource, tc: NWCTensorCodec, include: Callable[[str], bool] | None,
+               seed: int, progress: bool) -> list[TensorPlan]:
+    plans: list[TensorPlan] = []
+    seen: dict[str, str] = {}
+    bar = tqdm(total=len(source.tensors), disable=not progress, desc="plan", unit="tensor")
+    for shard, ts in source.by_shard():
+        for i, (name, t) in enumerate(source.load(shard, [x.name for x in ts])):
+            digest = hashlib.sha256(to_bytes(t)).hexdigest() + str(t.dtype) + str(tuple(t.shape))
+            method = default_method(ts[i].dtype, ts[i].shape)
+            if include is not None and not include(name):
+                method = "raw"
+            if digest in seen:  # tied weights stored twice: keep one copy
+                plans.append(TensorPlan(name, shard.name, "alias", t.numel(), 0, alias_of=seen[digest]))
+            elif method == "nwc":
+                p = tc.prepare(t)
+                curve = rate_curve(tc, p.chunks, p.rows, p.cols, seed + len(plans))
+                plans.append(TensorPlan(name, shard.name, "nwc", t.numel(), 2 * p.rows + p.cols + 8, curve))
+            else:
+                plans.append(TensorPlan(name, shard.name, "raw", t.numel(), t.numel() * t.element_size()))
+            seen.setdefault(digest, name)
+            bar.update()
+    bar.close()
+    return plans
+
+
+def compress_model(src: Path, out: Path, bits: float, codec_id: str | None = None, device: str = "auto",
+                   progress: bool = True, include: Callable[[str], bool] | None = None,
+                   seed: int = 0) -> CompressReport:
+    """Compress every tensor of `src` into the bundle directory `out` at `bits` bits/weight on average,
+    counting every byte of the container file against every parameter."""
+    t0 = time.time()
+    source = open_source(Path(src))
+    dev = resolve_device(device)
+    codec = load_codec(codec_id)
+    tc = NWCTensorCodec(codec, dev)
+    plans = plan_model(source, tc, include, seed, progress)
+    coded = [p for p in plans if p.method == "nwc"]
+    solver = LevelSolver(
+        np.stack([p.curve for p in coded]) if coded else np.zeros((0, tc.n_levels)),
+        np.array([p.numel for p in coded]),
+    )
+    total_params = source.total_params
+    budget_bytes = bits * total_params / 8
+    table_bytes = sum(ENTRY_ESTIMATE + 2 * len(p.name) for p in plans) + 64
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = ContainerHeader(
+        codec.info.id, codec.info.sha256, f"nwc {__version__}",
+        {"source": source.root.name, "target_bits": f"{bits:g}", "shards": json.dumps(source.shard_metadata)},
+    )
+    reports: list[TensorReport] = []
+    by_name = {p.name: p for p in plans}
+    bar = tqdm(total=total_params, disable=not progress, desc=f"compress {bits:g} bpw", unit="w", unit_scale=True)
+    with ContainerWriter(out / BUNDLE_FILE, header) as writer:
+        k = 0  # index of the next coded tensor
+        remaining_fixed = sum(p.fixed_bytes for p in plans)
+        for shard, ts in source.by_shard():
+            for name, t in source.load(shard, [x.name for x in ts]):
+                p = by_name[name]
+                remaining_fixed -= p.fixed_bytes
+                if p.method == "nwc":
+                    # Re-solve against what is already on disk: estimation error is absorbed downstream.
+                    spare = budget_bytes - writer.bytes_written - table_bytes - remaining_fixed - p.fixed_bytes
+                    level = solver.solve(8 * spare, k)
+                    prep = tc.prepare(t)
+                    levels = column_levels(level, prep.cols, n_levels=tc.n_levels)
+                    enc = tc.encode(prep, levels)
+                    record = TensorRecord(
+                        name, tuple(t.shape), prep.dtype, "nwc",
+                        {"file": shard.name, "rows": prep.rows, "cols": prep.cols},
+                        {"scales": prep.scales.numpy().astype("<f2").tobytes(), "levels": enc.levels.tobytes(),
+                         "ans": enc.ans, "escapes": enc.escapes},
+                    )
+                    err = nmse(as_matrix(t), enc.decoded)
+                    k += 1
+                elif p.method == "alias":
+                    record = TensorRecord(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), "alias",
+                                          {"file": shard.name, "target": p.alias_of}, {})
+                    err, level = None, None
+                else:
+                    record = TensorRecord(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), "raw",
+                                          {"file": shard.name}, {"data": to_bytes(t)})
+                    err, level = None, None
+                entry = writer.add(record)
+                reports.append(TensorReport(
+                    name, list(t.shape), p.method, t.numel(), entry.nbytes, 8 * entry.nbytes / max(t.numel(), 1),
+                    err, None if p.method != "nwc" else float(levels.mean()), t.shape[0] if t.ndim else 1,
+                ))
+                bar.update(t.numel())
+        bar.close()
+    for f in source.aux_files:
+        shutil.copy2(f, out / f.name)
+    file_bytes = (out / BUNDLE_FILE).stat().st_size
+    report = CompressReport(
+        str(src), codec.info.id, codec.info.sha256, bits, 8 * file_bytes / max(total_params, 1), file_bytes,
+        total_params, sum(p.numel for p in coded), time.time() - t0, peak_rss_mb(), dev, reports,
+    )
+    (out / REPORT_FILE).write_text(report.to_json())
+    return report
+
+
+def bundle_file(bundle: Path) -> Path:
+    bundle = Path(bundle)
+    return bundle / BUNDLE_FILE if bundle.is_dir() else bundle
+
+
+class BundleDecoder:
+    """Decodes records of one container; loads the codec only if an nwc record needs it."""
+
+    def __init__(self, reader: ContainerReader, device: str = "auto") -> None:
+        self.reader = reader
+        self.device = resolve_device(device)
+        self._tc: NWCTensorCodec | None = None
+
+    def codec(self) -> NWCTensorCodec:
+        if self._tc is None:
+            h = self.reader.header
+            loaded: LoadedCodec = load_codec(h.codec_id)
+            if loaded.info.sha256 != h.codec_sha256:
+                raise CodecIntegrityError(
+                    f"bundle was written with codec {h.codec_id} sha256 {h.codec_sha256[:16]}…, "
+                    f"but the registered one is {loaded.info.sha256[:16]}…"
+                )
+            self._tc = NWCTensorCodec(loaded, self.device)
+        return self._tc
+
+    def decode(self, rec: TensorRecord) -> torch.Tensor:
+        if rec.method == "raw":
+            return from_bytes(rec.segments["data"], rec.dtype, rec.shape)
+        if rec.method == "alias":
+            return self.decode(self.reader.read(str(rec.meta["target"])))
+        if rec.method == "nwc":
+            s = rec.segments
+            w = self.codec().decode(rec.name, rec.shape, int(rec.meta["rows"]), int(rec.meta["cols"]),
+                                    s["scales"], s["levels"], s["ans"], s["escapes"])
+            return w.to(DTYPES[rec.dtype])
+        raise ValueError(f"tensor {rec.name!r}: unknown method {rec.method!r}")
+
+
+def decompress_model(bundle: Path, out: Path, device: str = "auto", progress: bool = True,
+                     shard_name: str | None = None) -> Path:
+    """Write a dense model directory (safetensors shards + index + the bundle's small files) that
+    transformers loads. Built in a temporary directory and moved into place only when complete."""
+    bundle = Path(bundle)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty")
+    src_dir = bundle if bundle.is_dir() else bundle.parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".nwc-dense-", dir=out.parent))  # same filesystem: rename is atomic
+    try:
+        with ContainerReader(bundle_file(bundle)) as reader:
+            dec = BundleDecoder(reader, device)
+            shard_meta = json.loads(reader.header.attrs.get("shards", "{}"))
+            weight_map: dict[str, str] = {}
+            total = 0
+            current: str | None = None
+            tensors: dict[str, torch.Tensor] = {}
+
+            def flush() -> None:
+                if current is not None and tensors:
+                    save_file(tensors, str(tmp / current), metadata=shard_meta.get(current) or {"format": "pt"})
+                tensors.clear()
+
+            n_params = sum(e.numel for e in reader.entries)
+            bar = tqdm(total=n_params, disable=not progress, desc="decompress", unit="w", unit_scale=True)
+            for rec in reader:
+                file = shard_name or str(rec.meta.get("file", "model.safetensors"))
+                if file != current:
+                    flush()
+                    current = file
+                t = dec.decode(rec)
+                tensors[rec.name] = t.contiguous()
+                weight_map[rec.name] = file
+                total += t.numel() * t.element_size()
+                bar.update(t.numel())
+            flush()
+            bar.close()
+        write_index(tmp, weight_map, total)
+        if bundle.is_dir():
+            for f in src_dir.iterdir():
+                if f.is_file() and f.name not in {BUNDLE_FILE, REPORT_FILE} and not f.name.endswith(".partial"):
+                    shutil.copy2(f, tmp / f.name)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary model directory
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
