@@ -348,6 +348,7 @@ def table(res: ModelResult, dagger_from: float | None) -> list[str]:
 
 
 def throughput_table(results: list[ModelResult]) -> list[str]:
+    """NWC: one row per (model, target). Baselines: one row per (model, method), over all targets."""
     lines = [
         "| model | method | target | weights | encode (weights/s) | decode (weights/s) "
         "| peak RSS compress (MB) | peak RSS decompress (MB) |",
@@ -355,13 +356,21 @@ def throughput_table(results: list[ModelResult]) -> list[str]:
     ]
     for res in results:
         for p in res.points:
-            if p.error or p.enc_s <= 0:
-                continue
-            lines.append(
-                f"| {res.title} | {p.method} | {p.target:g} | {p.weights:,} | {p.weights / p.enc_s:,.0f} "
-                f"| {p.weights / p.dec_s:,.0f} | {_f(p.peak_rss_enc_mb, ',.0f')} "
-                f"| {_f(p.peak_rss_dec_mb, ',.0f')} |"
-            )
+            if p.method == "NWC" and not p.error and p.enc_s > 0:
+                lines.append(
+                    f"| {res.title} | NWC | {p.target:g} | {p.weights:,} | {p.weights / p.enc_s:,.0f} "
+                    f"| {p.weights / p.dec_s:,.0f} | {_f(p.peak_rss_enc_mb, ',.0f')} "
+                    f"| {_f(p.peak_rss_dec_mb, ',.0f')} |"
+                )
+        for method in ("ECSQ", "RTN g128"):
+            pts = [p for p in res.points if p.method == method and not p.error and p.enc_s > 0]
+            if pts:
+                w = sum(p.weights for p in pts)
+                targets = ", ".join(f"{p.target:g}" for p in pts)
+                lines.append(
+                    f"| {res.title} | {method} | all ({targets}) | {pts[0].weights:,} "
+                    f"| {w / sum(p.enc_s for p in pts):,.0f} | {w / sum(p.dec_s for p in pts):,.0f} | — | — |"
+                )
     return lines
 
 
@@ -389,7 +398,10 @@ def render(results: list[ModelResult], meta: dict) -> str:
         f"Python {m['python']}, CUDA device: {m['cuda']}. Load average at start / end: "
         f"{meta['load_start']} / {meta['load_end']} (the cores were shared with other jobs: throughputs are "
         "lower bounds).  ",
-        f"NWC codec: `{meta['codec_id']}` (sha256 `{meta['codec_sha256']}`), run on CPU.",
+        f"NWC codec: `{meta['codec_id']}` (sha256 `{meta['codec_sha256']}`), run on CPU."
+        if any(p.method == "NWC" for r in results for p in r.points) else
+        "**NWC was not run for this rendering** (baselines only, `--no-nwc`); run "
+        "`.venv/bin/python -m bench.rd --codec ID` to add it.",
         "",
         PROTOCOL,
         "",
@@ -421,7 +433,8 @@ def render(results: list[ModelResult], meta: dict) -> str:
         "Encode = weights in the set / end-to-end seconds (NWC: `compress_model`, planning pass included, "
         "fresh process; baselines: `rtn_encode` / `ecsq_at_rate` including the step search). Decode = "
         "weights / seconds (NWC: `decompress_model` writing the dense safetensors directory, fresh process). "
-        "Peak RSS is each fresh process's `ru_maxrss`.",
+        "Peak RSS is each fresh process's `ru_maxrss`. Baseline rows pool all targets (Python + numpy + "
+        "constriction, one matrix at a time, in the benchmark process).",
         "",
         *throughput_table(results),
         "",
@@ -430,22 +443,18 @@ def render(results: list[ModelResult], meta: dict) -> str:
         _provenance(meta),
         END,
     ]
-    return "\n".join(line for line in out) + "\n"
+    return "\n".join(out).replace("\n\n" + END, "\n" + END) + "\n"
 
 
 def write_docs(section: str, path: Path = BENCH_MD) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
+    """Replace only the text between the rd markers (other sections belong to other benchmarks)."""
+    from bench.report import replace_section
+
+    body = section.split(BEGIN, 1)[-1].split(END, 1)[0].strip("\n")
+    replace_section("rd", body, path)
 
 
-def plot(results: list[ModelResult], path: Path = PLOT) -> None:
+def plot(results: list[ModelResult], path: Path = PLOT, codec_id: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -463,9 +472,14 @@ def plot(results: list[ModelResult], path: Path = PLOT) -> None:
         for method, (color, marker) in styles.items():
             mp_ = sorted((p for p in pts if p.method == method), key=lambda p: p.bpw)
             if mp_:
-                ax.plot([p.bpw for p in mp_], [p.db for p in mp_], color=color, marker=marker, label=method)
-        ax.set_title(res.title + (" (Q4_1 grid: ≥ 4 bit not meaningful)" if res.key == "smollm2" else ""),
-                     fontsize=10)
+                label = f"NWC ({codec_id})" if method == "NWC" and codec_id else method
+                ax.plot([p.bpw for p in mp_], [p.db for p in mp_], color=color, marker=marker, label=label)
+        if res.key == "smollm2":
+            ax.axvspan(4.0, hi, color="0.9", zorder=0)
+            ax.text(4.05, 0.97, "† Q4_1-grid caveat", transform=ax.get_xaxis_transform(), va="top",
+                    fontsize=8)
+        ax.set_xlim(lo, hi)
+        ax.set_title(res.title, fontsize=10)
         ax.set_xlabel("measured bits / weight")
         ax.set_ylabel("distortion 10·log10(nmse) (dB)")
         ax.grid(alpha=0.3)
@@ -530,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         meta, results = load_json(args.from_json)
         write_docs(render(results, meta))
-        plot(results)
+        plot(results, codec_id=meta.get("codec_id"))
         log(f"re-rendered {BENCH_MD.relative_to(ROOT)} and {PLOT.relative_to(ROOT)} from {args.from_json}")
         return 0
 
@@ -597,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         save_json(args.json, meta, results)
     if write:
         write_docs(render(results, meta))
-        plot(results)
+        plot(results, codec_id=meta.get("codec_id"))
         log(f"wrote {BENCH_MD.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
     else:
         print(render(results, meta))

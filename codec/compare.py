@@ -82,7 +82,7 @@ class CompareReport:
         ]
         if self.bundle is not None and self.bundle_bytes is not None:
             lines.append(f"bundle     {self.bundle}: {self.bundle_bytes / mib:,.2f} MiB = "
-                         f"{self.bits_per_weight:.3f} bits per original parameter "
+                         f"{self.bits_per_weight:.3f} bits per original parameter, every bundle file counted "
                          f"(ratio {self.original_bytes / max(self.bundle_bytes, 1):.1f}x)")
         nmses = sorted(t.nmse for t in self.tensors)
         if nmses:
