@@ -48,7 +48,7 @@ def main() -> None:
         cfg = CodecConfig(width=width, depth=depth)
         model, rep = train_codec(files, cfg, TrainConfig(steps=args.steps, val_every=args.steps), progress=False)
         params = sum(p.numel() for p in model.synthesis.parameters())
-        macs = (16 * width + depth * width * width + width * 16)
+        macs = 16 * width + depth * width * width + width * 16
         rows.append((width, depth, params, macs, rep.history[-1]["val_mean_gap"], decoder_throughput(model),
                      rep.seconds))
         print(rows[-1], flush=True)
@@ -56,7 +56,8 @@ def main() -> None:
         f"Command: `OMP_NUM_THREADS=1 python -m bench.arch --steps {args.steps}` — "
         f"{datetime.date.today()}, {platform.machine()} {platform.system()}, torch {torch.__version__}, 1 thread.",
         "",
-        "| width | depth | decoder params | decoder MACs/chunk | held-out mean gap (bit) | decode weights/s | train s |",
+        "| width | depth | decoder params | decoder MACs/chunk | held-out mean gap (bit) | decode weights/s "
+        "| train s |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w, d, p, m, g, thr, s in rows:

@@ -43,6 +43,8 @@ import torch
 from safetensors import safe_open
 
 from codec.baselines import ecsq_at_rate, ecsq_decode, row_stats, rtn_decode, rtn_encode
+from codec.pipeline import default_method
+from codec.source import ST_DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -52,7 +54,6 @@ BEGIN, END = "<!-- rd:begin -->", "<!-- rd:end -->"
 TARGETS = (2, 3, 4, 5, 6)
 QUICK_TARGETS = (3, 5)
 RTN_GROUP = 128
-FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
 SMOLLM2_CAVEAT = " ".join("""
 SmolLM2-135M-Instruct ships only as a Q4_1 GGUF: every linear matrix already lies on an asymmetric
 4-bit grid (groups of 32 along the input, scale + min) and the embedding on a Q8_0 grid. At ≥ 4
@@ -85,9 +86,9 @@ def log(msg: str) -> None:
 
 # --------------------------------------------------------------------------- models and matrices
 
-def coded_by_default(t_dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
-    """The pipeline's default rule (``codec.pipeline.default_method``) restricted to 2-D matrices."""
-    return t_dtype in FLOAT_DTYPES and len(shape) == 2 and shape[0] >= 16 and shape[0] * shape[1] >= 4096
+def coded_by_default(dtype: str, shape: tuple[int, ...]) -> bool:
+    """The pipeline's own rule (``codec.pipeline.default_method``) restricted to 2-D matrices."""
+    return len(shape) == 2 and default_method(dtype, shape) == "nwc"
 
 
 @dataclass(frozen=True)
@@ -136,9 +137,8 @@ def matrix_names(model_dir: Path, spec: ModelSpec) -> list[str]:
         with safe_open(str(shard), framework="pt") as f:
             for name in f.keys():
                 sl = f.get_slice(name)
-                dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                         "F64": torch.float64}.get(sl.get_dtype())
-                if dtype is not None and coded_by_default(dtype, tuple(sl.get_shape())) and spec.wanted(name):
+                dtype = ST_DTYPES.get(sl.get_dtype(), "")
+                if coded_by_default(dtype, tuple(sl.get_shape())) and spec.wanted(name):
                     names.append(name)
     return names
 

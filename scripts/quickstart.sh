@@ -11,6 +11,7 @@ NWC=.venv/bin/nwc
 
 SMOL=$("$PY" -m codec.assets path smollm2)
 mkdir -p runs
+rm -rf runs/smollm2-4bit runs/smollm2-4bit-dense  # our own outputs from an earlier run
 
 "$NWC" compress "$SMOL" -o runs/smollm2-4bit --bits 4
 "$NWC" decompress runs/smollm2-4bit -o runs/smollm2-4bit-dense

@@ -27,3 +27,8 @@ def calib_text() -> str:
 @pytest.fixture(scope="session")
 def eval_text() -> str:
     return assets.eval_text()
+
+
+@pytest.fixture(scope="session")
+def effnet_dir() -> Path:
+    return assets.effnet_dir()
