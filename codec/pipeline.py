@@ -32,7 +32,7 @@ from codec.container import (
     TensorRecord,
     table_row_bytes,
 )
-from codec.ratecontrol import RateTargetError, column_levels, monotone
+from codec.ratecontrol import LevelSolver, RateTargetError, column_levels, monotone
 from codec.registry import CodecIntegrityError, LoadedCodec, load_codec
 from codec.source import ModelSource, open_source, write_index
 from codec.tensor_codec import NWCTensorCodec
@@ -148,34 +148,6 @@ def rate_curve(tc: NWCTensorCodec, chunks: torch.Tensor, rows: int, cols: int, s
     return monotone(bits * flat.shape[0] / (rows * cols))
 
 
-class LevelSolver:
-    """Vectorized solve of the shared fractional level over the tensors not yet encoded."""
-
-    def __init__(self, curves: np.ndarray, numels: np.ndarray) -> None:
-        self.curves, self.numels = curves, numels.astype(np.float64)
-
-    def total(self, t: float, start: int) -> float:
-        lo = int(np.floor(t))
-        hi = min(lo + 1, self.curves.shape[1] - 1)
-        f = t - lo
-        c = self.curves[start:]
-        return float(self.numels[start:] @ ((1 - f) * c[:, lo] + f * c[:, hi]))
-
-    def solve(self, budget_bits: float, start: int = 0) -> float:
-        L = self.curves.shape[1]
-        if start >= len(self.curves):
-            return float(L - 1)
-        if self.total(0.0, start) > budget_bits:
-            raise RateTargetError("the requested bits/weight is below the lowest rate this codec reaches")
-        if self.total(L - 1, start) <= budget_bits:
-            return float(L - 1)
-        lo, hi = 0.0, float(L - 1)
-        for _ in range(50):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if self.total(mid, start) <= budget_bits else (lo, mid)
-        return lo
-
-
 def plan_model(source: ModelSource, tc: NWCTensorCodec, include: Callable[[str], bool] | None,
                seed: int, progress: bool, bits: float) -> list[TensorPlan]:
     plans: list[TensorPlan] = []
@@ -226,6 +198,14 @@ def compress_model(src: Path, out: Path, bits: float, codec_id: str | None = Non
     )
     total_params = source.total_params
     budget_bytes = bits * total_params / 8
+    fixed = sum(p.fixed_bytes + p.table_bytes for p in plans) + FOOTER_SIZE + 1024  # + header
+    lowest = (8 * fixed + solver.total(0, 0)) / total_params
+    highest = (8 * fixed + solver.total(tc.n_levels - 1, 0)) / total_params
+    if not lowest <= bits <= highest:
+        raise RateTargetError(
+            f"--bits {bits:g} is outside what codec {codec.info.id} reaches for this model: "
+            f"{lowest:.2f} to {highest:.2f} bits/weight (lossless tensors and side info included)"
+        )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,6 @@ bytes actually written, so estimation error is absorbed by the remaining tensors
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 
@@ -19,41 +17,37 @@ class RateTargetError(ValueError):
     """The requested bits/weight cannot be reached with this codec for this model."""
 
 
-@dataclass
-class RateCurve:
-    numel: int
-    bits_per_weight: np.ndarray  # (n_levels,), non-decreasing in level
-
-    def bits(self, t: float) -> float:
-        """Total bits at fractional level t (a fraction t-floor(t) of columns one level up)."""
-        lo = int(np.floor(t))
-        hi = min(lo + 1, len(self.bits_per_weight) - 1)
-        f = t - lo
-        return self.numel * ((1 - f) * self.bits_per_weight[lo] + f * self.bits_per_weight[hi])
-
-
 def monotone(curve: np.ndarray) -> np.ndarray:
     """Sample noise can make a measured curve dip; rate is non-decreasing in λ, so enforce it."""
     return np.maximum.accumulate(curve)
 
 
-def solve_level(curves: list[RateCurve], budget_bits: float, n_levels: int) -> float:
-    """Largest fractional level t in [0, n_levels-1] whose total bits fit the budget (bisection)."""
-    if not curves:
-        return float(n_levels - 1)
+class LevelSolver:
+    """Vectorized solve of the shared fractional level over the tensors not yet encoded."""
 
-    def total(t: float) -> float:
-        return sum(c.bits(t) for c in curves)
+    def __init__(self, curves: np.ndarray, numels: np.ndarray) -> None:
+        self.curves, self.numels = curves, numels.astype(np.float64)
 
-    lo, hi = 0.0, float(n_levels - 1)
-    if total(lo) > budget_bits:
-        raise RateTargetError("budget is below the lowest rate the codec reaches")
-    if total(hi) <= budget_bits:
-        return hi
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if total(mid) <= budget_bits else (lo, mid)
-    return lo
+    def total(self, t: float, start: int) -> float:
+        lo = int(np.floor(t))
+        hi = min(lo + 1, self.curves.shape[1] - 1)
+        f = t - lo
+        c = self.curves[start:]
+        return float(self.numels[start:] @ ((1 - f) * c[:, lo] + f * c[:, hi]))
+
+    def solve(self, budget_bits: float, start: int = 0) -> float:
+        L = self.curves.shape[1]
+        if start >= len(self.curves):
+            return float(L - 1)
+        if self.total(0.0, start) > budget_bits:
+            raise RateTargetError("the requested bits/weight is below the lowest rate this codec reaches")
+        if self.total(L - 1, start) <= budget_bits:
+            return float(L - 1)
+        lo, hi = 0.0, float(L - 1)
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.total(mid, start) <= budget_bits else (lo, mid)
+        return lo
 
 
 def column_levels(t: float, n_cols: int, importance: np.ndarray | None = None,
