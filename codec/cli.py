@@ -88,18 +88,32 @@ def compress(
     bits: float = typer.Option(..., "--bits", help="target average bits per weight, every byte counted"),
     codec_id: str = typer.Option(None, "--codec", help="registered codec id (default: the registry's default)"),
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
-    seed: int = typer.Option(0, help="seed of the rate-curve sampling"),
+    seed: int = typer.Option(0, help="seed of the rate-curve sampling and of the calibration windows"),
+    method: str = typer.Option("nwc", help="nwc (learned codec), gptq or rtn (fixed-length baselines)"),
+    calib: str = typer.Option(None, "--calib", help="calibration text: 'wiki' (built-in) or a .txt/.jsonl file; "
+                              "enables block-by-block Hessian-guided compression (causal LMs)"),
+    calib_seqs: int = typer.Option(32, help="calibration sequences"),
+    calib_len: int = typer.Option(512, help="tokens per calibration sequence"),
+    act_order: bool = typer.Option(False, help="GPTQ: quantize columns by decreasing Hessian diagonal"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
-    """Compress every tensor of SRC (model-free: no calibration data) to BITS bits/weight."""
+    """Compress every tensor of SRC to BITS bits/weight: model-free by default, Hessian-guided with --calib."""
+    from codec.calibrated import CalibOptions, CalibratedError, compress_calibrated
+    from codec.calibration import CalibrationError
     from codec.container import ContainerError
     from codec.pipeline import compress_model
     from codec.ratecontrol import RateTargetError
     from codec.source import SourceError
 
     try:
-        r = compress_model(src, out, bits, codec_id=codec_id, device=device, progress=not quiet, seed=seed)
-    except (SourceError, RateTargetError, ContainerError, LookupError) as e:
+        if calib is None and method != "nwc":
+            raise CalibratedError(f"--method {method} needs calibration data: add --calib wiki (or a text file)")
+        if calib is None:
+            r = compress_model(src, out, bits, codec_id=codec_id, device=device, progress=not quiet, seed=seed)
+        else:
+            opts = CalibOptions(calib, calib_seqs, calib_len, seed, act_order=act_order)
+            r = compress_calibrated(src, out, bits, method, opts, codec_id, device, not quiet, seed)
+    except (SourceError, RateTargetError, ContainerError, LookupError, CalibratedError, CalibrationError) as e:
         _fail(e)
     coded = [t for t in r.tensors if t.nmse is not None]
     mean_nmse = sum(t.nmse * t.rows for t in coded) / max(sum(t.rows for t in coded), 1)
@@ -164,6 +178,38 @@ def inspect(
                 typer.echo("all checksums verified")
     except ContainerError as e:
         _fail(e)
+
+
+@app.command("eval")
+def eval_cmd(
+    original: Path = typer.Argument(..., help="original model directory"),
+    compressed: Path = typer.Argument(..., help="compressed model: a dense directory or a bundle (decoded first)"),
+    max_tokens: int = typer.Option(16384, help="evaluation tokens (held-out Wikipedia text)"),
+    window: int = typer.Option(2048, help="context window (capped at the model's)"),
+    device: str = typer.Option("auto"),
+    json_out: Path = typer.Option(None, "--json", help="also write the report as JSON here"),
+) -> None:
+    """Perplexity of both models, KL divergence and top-1 agreement on held-out text, greedy generations."""
+    import json
+    import tempfile
+
+    from codec.assets import eval_text
+    from codec.evaluate import evaluate_pair
+    from codec.pipeline import BUNDLE_FILE, decompress_model, resolve_device
+
+    dev = resolve_device(device)
+    with tempfile.TemporaryDirectory(prefix="nwc-eval-") as tmp:
+        dense = compressed
+        if (compressed / BUNDLE_FILE).exists():
+            dense = decompress_model(compressed, Path(tmp) / "dense", device=dev, progress=False)
+        try:
+            rep = evaluate_pair(original, dense, eval_text(), max_tokens=max_tokens, window=window, device=dev,
+                                text_name="held-out Wikipedia articles (last 20 %, codec.assets.eval_text)")
+        except ValueError as e:
+            _fail(e)
+    typer.echo(rep.format())
+    if json_out:
+        json_out.write_text(json.dumps(rep.to_dict(), indent=1))
 
 
 @app.command()

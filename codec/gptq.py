@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from codec.hessian import regularize
@@ -218,3 +219,46 @@ def gptq_quantize(
             err1[:, i] = e
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     return QuantizedLinear(codes=codes, scales=scales, zeros=zeros, perm=perm, bits=bits, group=group)
+
+
+# --------------------------------------------------------------------------- container records
+
+def to_segments(q: QuantizedLinear) -> tuple[dict, dict[str, bytes]]:
+    """(meta, segments) of a container record: bit-packed codes, fp16 scales and minima, int16 perm."""
+    from codec.baselines import pack_codes
+
+    m, n = q.shape
+    meta = {"rows": m, "cols": n, "bits": q.bits, "group": q.group}
+    segs = {
+        "codes": pack_codes(q.codes.cpu().numpy(), q.bits),
+        "scales": q.scales.cpu().numpy().astype("<f2").tobytes(),
+        "zeros": q.zeros.cpu().numpy().astype("<f2").tobytes(),
+    }
+    if q.perm is not None:
+        segs["perm"] = q.perm.cpu().numpy().astype("<i2").tobytes()
+    return meta, segs
+
+
+def from_segments(meta: dict, segs: dict[str, bytes]) -> QuantizedLinear:
+    """Inverse of `to_segments`; every length is checked against rows, cols, bits and group."""
+    from codec.baselines import unpack_codes
+
+    m, n, bits, group = (int(meta[k]) for k in ("rows", "cols", "bits", "group"))
+    if not (1 <= bits <= 8 and group >= 1 and m >= 0 and n >= 0):
+        raise ValueError(f"bad fixed-length record parameters rows={m} cols={n} bits={bits} group={group}")
+    n_groups = math.ceil(n / group)
+    need = {"codes": math.ceil(m * n * bits / 8), "scales": 2 * m * n_groups, "zeros": 2 * m * n_groups}
+    for k, size in need.items():
+        if len(segs.get(k, b"")) != size:
+            raise ValueError(f"segment {k!r} has {len(segs.get(k, b''))} bytes, expected {size}")
+    perm = None
+    if "perm" in segs:
+        if len(segs["perm"]) != 2 * n:
+            raise ValueError(f"segment 'perm' has {len(segs['perm'])} bytes, expected {2 * n}")
+        perm = torch.from_numpy(np.frombuffer(segs["perm"], "<i2").astype(np.int64))
+        if not torch.equal(perm.sort().values, torch.arange(n)):
+            raise ValueError("segment 'perm' is not a permutation of the columns")
+    codes = torch.from_numpy(unpack_codes(segs["codes"], m * n, bits).astype(np.uint8).reshape(m, n))
+    scales = torch.from_numpy(np.frombuffer(segs["scales"], "<f2").reshape(m, n_groups).copy())
+    zeros = torch.from_numpy(np.frombuffer(segs["zeros"], "<f2").reshape(m, n_groups).copy())
+    return QuantizedLinear(codes, scales, zeros, perm, bits, group)

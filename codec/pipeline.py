@@ -32,17 +32,19 @@ from codec.container import (
     TensorRecord,
     table_row_bytes,
 )
-from codec.ratecontrol import LevelSolver, RateTargetError, column_levels, monotone
+from codec.gptq import from_segments
+from codec.ratecontrol import RateController, RateItem, column_levels, monotone
 from codec.registry import CodecIntegrityError, LoadedCodec, load_codec
 from codec.source import ModelSource, open_source, write_index
-from codec.tensor_codec import NWCTensorCodec
-from codec.tensors import DTYPES, from_bytes, to_bytes
+from codec.tensor_codec import NWCTensorCodec, TensorDecodeError
+from codec.tensors import DTYPES, dtype_name, from_bytes, to_bytes
 
 BUNDLE_FILE = "model.nwc"
 REPORT_FILE = "report.json"
 CURVE_SAMPLE_CHUNKS = 4096
 # Per coded tensor: ANS final state (up to 8 bytes) and the 4-byte end sentinel.
 ANS_OVERHEAD_BYTES = 12
+HEADER_ESTIMATE = 1024  # preamble + header JSON; exact accounting happens as bytes are written
 FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float64"}
 
 
@@ -92,6 +94,9 @@ class CompressReport:
     peak_rss_mb: float
     device: str
     tensors: list[TensorReport] = field(default_factory=list)
+    method: str = "nwc"
+    calibration: dict | None = None  # source, sha256, sizes, seed (calibrated compression only)
+    layers: list[dict] = field(default_factory=list)  # per-layer proxy error etc. (calibrated only)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -180,6 +185,21 @@ def plan_model(source: ModelSource, tc: NWCTensorCodec, include: Callable[[str],
     return plans
 
 
+def rate_items(plans: list[TensorPlan]) -> list[RateItem]:
+    return [RateItem(p.name, p.method == "nwc", p.numel, p.fixed_bytes, p.table_bytes, p.curve) for p in plans]
+
+
+def copy_aux_files(source: ModelSource, out: Path) -> None:
+    for f in source.aux_files:
+        shutil.copy2(f, out / f.name)
+
+
+def nwc_segments(scales: torch.Tensor, levels: np.ndarray, ans: bytes, escapes: bytes) -> dict[str, bytes]:
+    """Payload of an `nwc` record (docs/FORMAT.md)."""
+    return {"scales": scales.numpy().astype("<f2").tobytes(), "levels": levels.astype(np.uint8).tobytes(),
+            "ans": ans, "escapes": escapes}
+
+
 def compress_model(src: Path, out: Path, bits: float, codec_id: str | None = None, device: str = "auto",
                    progress: bool = True, include: Callable[[str], bool] | None = None,
                    seed: int = 0) -> CompressReport:
@@ -191,21 +211,9 @@ def compress_model(src: Path, out: Path, bits: float, codec_id: str | None = Non
     codec = load_codec(codec_id)
     tc = NWCTensorCodec(codec, dev)
     plans = plan_model(source, tc, include, seed, progress, bits)
-    coded = [p for p in plans if p.method == "nwc"]
-    solver = LevelSolver(
-        np.stack([p.curve for p in coded]) if coded else np.zeros((0, tc.n_levels)),
-        np.array([p.numel for p in coded]),
-    )
     total_params = source.total_params
-    budget_bytes = bits * total_params / 8
-    fixed = sum(p.fixed_bytes + p.table_bytes for p in plans) + FOOTER_SIZE + 1024  # + header
-    lowest = (8 * fixed + solver.total(0, 0)) / total_params
-    highest = (8 * fixed + solver.total(tc.n_levels - 1, 0)) / total_params
-    if not lowest <= bits <= highest:
-        raise RateTargetError(
-            f"--bits {bits:g} is outside what codec {codec.info.id} reaches for this model: "
-            f"{lowest:.2f} to {highest:.2f} bits/weight (lossless tensors and side info included)"
-        )
+    rc = RateController(rate_items(plans), bits, total_params, tc.n_levels, HEADER_ESTIMATE, FOOTER_SIZE)
+    rc.check(codec.info.id)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,51 +225,33 @@ def compress_model(src: Path, out: Path, bits: float, codec_id: str | None = Non
     by_name = {p.name: p for p in plans}
     bar = tqdm(total=total_params, disable=not progress, desc=f"compress {bits:g} bpw", unit="w", unit_scale=True)
     with ContainerWriter(out / BUNDLE_FILE, header) as writer:
-        k = 0  # index of the next coded tensor
-        remaining_fixed = sum(p.fixed_bytes for p in plans)
-        remaining_rows = sum(p.table_bytes for p in plans)
         for shard, ts in source.by_shard():
             for name, t in source.load(shard, [x.name for x in ts]):
                 p = by_name[name]
-                remaining_fixed -= p.fixed_bytes
-                remaining_rows -= p.table_bytes
+                level = rc.advance(name, writer.bytes_written, writer.table_bytes)
+                stub = record_stub(name, tuple(t.shape), dtype_name(t.dtype), p.method, shard.name, p.alias_of)
+                err = None
                 if p.method == "nwc":
-                    # Re-solve against what is already on disk: estimation error is absorbed downstream.
-                    overhead = writer.table_bytes + p.table_bytes + remaining_rows + FOOTER_SIZE
-                    spare = budget_bytes - writer.bytes_written - overhead - remaining_fixed - p.fixed_bytes
-                    level = solver.solve(8 * spare, k)
                     prep = tc.prepare(t)
-                    levels = column_levels(level, prep.cols, n_levels=tc.n_levels)
-                    enc = tc.encode(prep, levels)
-                    record = TensorRecord(
-                        name, tuple(t.shape), prep.dtype, "nwc",
-                        {"file": shard.name, "rows": prep.rows, "cols": prep.cols},
-                        {"scales": prep.scales.numpy().astype("<f2").tobytes(), "levels": enc.levels.tobytes(),
-                         "ans": enc.ans, "escapes": enc.escapes},
-                    )
+                    enc = tc.encode(prep, column_levels(level, prep.cols, n_levels=tc.n_levels))
+                    stub.segments = nwc_segments(prep.scales, enc.levels, enc.ans, enc.escapes)
                     err = nmse(as_matrix(t), enc.decoded)
-                    k += 1
-                elif p.method == "alias":
-                    record = TensorRecord(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), "alias",
-                                          {"file": shard.name, "target": p.alias_of}, {})
-                    err, level = None, None
-                else:
-                    record = TensorRecord(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), "raw",
-                                          {"file": shard.name}, {"data": to_bytes(t)})
-                    err, level = None, None
-                entry = writer.add(record)
+                    level = float(enc.levels.mean())
+                elif p.method == "raw":
+                    stub.segments = {"data": to_bytes(t)}
+                entry = writer.add(stub)
                 reports.append(TensorReport(
                     name, list(t.shape), p.method, t.numel(), entry.nbytes, 8 * entry.nbytes / max(t.numel(), 1),
-                    err, None if p.method != "nwc" else float(levels.mean()), t.shape[0] if t.ndim else 1,
+                    err, level, t.shape[0] if t.ndim else 1,
                 ))
                 bar.update(t.numel())
         bar.close()
-    for f in source.aux_files:
-        shutil.copy2(f, out / f.name)
+    copy_aux_files(source, out)
     file_bytes = (out / BUNDLE_FILE).stat().st_size
     report = CompressReport(
         str(src), codec.info.id, codec.info.sha256, bits, 8 * file_bytes / max(total_params, 1), file_bytes,
-        total_params, sum(p.numel for p in coded), time.time() - t0, peak_rss_mb(), dev, reports,
+        total_params, sum(p.numel for p in plans if p.method == "nwc"), time.time() - t0, peak_rss_mb(), dev,
+        reports,
     )
     (out / REPORT_FILE).write_text(report.to_json())
     return report
@@ -302,6 +292,12 @@ class BundleDecoder:
             w = self.codec().decode(rec.name, rec.shape, int(rec.meta["rows"]), int(rec.meta["cols"]),
                                     s["scales"], s["levels"], s["ans"], s["escapes"])
             return w.to(DTYPES[rec.dtype])
+        if rec.method in ("rtn", "gptq"):
+            try:
+                w = from_segments(rec.meta, rec.segments).dequantize()
+            except (KeyError, ValueError) as e:
+                raise TensorDecodeError(rec.name, str(e)) from e
+            return w.reshape(rec.shape).to(DTYPES[rec.dtype])
         raise ValueError(f"tensor {rec.name!r}: unknown method {rec.method!r}")
 
 
@@ -332,10 +328,15 @@ def decompress_model(bundle: Path, out: Path, device: str = "auto", progress: bo
 
             n_params = sum(e.numel for e in reader.entries)
             bar = tqdm(total=n_params, disable=not progress, desc="decompress", unit="w", unit_scale=True)
+            flushed: set[str] = set()
             for rec in reader:
                 file = shard_name or str(rec.meta.get("file", "model.safetensors"))
+                if file != current and file in flushed:  # records of one shard were not contiguous
+                    file = f"{Path(file).stem}-{len(flushed)}.safetensors"
                 if file != current:
                     flush()
+                    if current is not None:
+                        flushed.add(current)
                     current = file
                 t = dec.decode(rec)
                 tensors[rec.name] = t.contiguous()

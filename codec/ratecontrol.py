@@ -10,6 +10,8 @@ bytes actually written, so estimation error is absorbed by the remaining tensors
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -68,3 +70,60 @@ def column_levels(t: float, n_cols: int, importance: np.ndarray | None = None,
     if n_levels is not None:
         levels = np.minimum(levels, n_levels - 1)
     return levels.astype(np.uint8)
+
+
+@dataclass
+class RateItem:
+    """What rate control knows of one tensor before it is encoded."""
+
+    name: str
+    coded: bool  # learned coding with a rate curve; otherwise a fixed number of bytes
+    numel: int
+    fixed_bytes: int  # payload bytes independent of the rate (raw data, side info, ANS flush)
+    table_bytes: int  # its row in the container's tensor table
+    curve: np.ndarray | None = None  # bits/weight per level (coded tensors)
+
+
+class RateController:
+    """Spends a whole-file byte budget over tensors encoded in a fixed order.
+
+    Before each tensor is written, `advance` re-solves the shared level for the coded tensors not yet
+    written against the bytes already on disk, so sampling error in the curves is absorbed downstream."""
+
+    def __init__(self, items: list[RateItem], bits: float, total_params: int, n_levels: int,
+                 header_bytes: int, footer_bytes: int) -> None:
+        self.items = {it.name: it for it in items}
+        coded = [it for it in items if it.coded]
+        self._coded_index = {it.name: i for i, it in enumerate(coded)}
+        self.solver = LevelSolver(
+            np.stack([it.curve for it in coded]) if coded else np.zeros((0, n_levels)),
+            np.array([it.numel for it in coded]),
+        )
+        self.bits, self.total_params, self.n_levels = bits, total_params, n_levels
+        self.budget_bytes = bits * total_params / 8
+        self._pending = sum(it.fixed_bytes + it.table_bytes for it in items) + footer_bytes
+        self._fixed_total = self._pending + header_bytes
+
+    def feasible_range(self) -> tuple[float, float]:
+        """Lowest and highest whole-file bits/weight this codec can reach for these tensors."""
+        lo = (8 * self._fixed_total + self.solver.total(0, 0)) / self.total_params
+        hi = (8 * self._fixed_total + self.solver.total(self.n_levels - 1, 0)) / self.total_params
+        return lo, hi
+
+    def check(self, codec_id: str) -> None:
+        lo, hi = self.feasible_range()
+        if not lo <= self.bits <= hi:
+            raise RateTargetError(
+                f"--bits {self.bits:g} is outside what codec {codec_id} reaches for this model: "
+                f"{lo:.2f} to {hi:.2f} bits/weight (lossless tensors and side info included)"
+            )
+
+    def advance(self, name: str, bytes_written: int, table_bytes_written: int) -> float | None:
+        """Call once per tensor, in encode order, before writing it: the level for a coded tensor."""
+        it = self.items[name]
+        self._pending -= it.fixed_bytes + it.table_bytes
+        if not it.coded:
+            return None
+        this = it.fixed_bytes + it.table_bytes
+        spare = self.budget_bytes - bytes_written - table_bytes_written - self._pending - this
+        return self.solver.solve(8 * spare, self._coded_index[name])

@@ -188,6 +188,8 @@ def test_higher_levels_or_missing_leading_words_raise(loaded_codec) -> None:
     levels = np.array([2, 5, 5, 11, 17, 2, 23, 8, 11, 11, 0, 20], np.uint8)
     k = 6
     sym = np.round(rng.standard_normal((len(levels), k, tables.channels)) * 3).astype(np.int32)
+    lo = tables.lo[levels][:, None, :]
+    sym = np.clip(sym, lo, lo + tables.size[levels][:, None, :] - 1).astype(np.int32)
     ans, esc = encode_symbols(sym, levels, tables)
     assert esc == b""
     np.testing.assert_array_equal(decode_symbols(ans, esc, levels, k, tables), sym)
