@@ -53,6 +53,11 @@ def main() -> None:
                      rep.seconds))
         print(rows[-1], flush=True)
     lines = [
+        "## Codec architecture: decoder cost vs rate–distortion",
+        "",
+        "Each width × depth trained with the same data, seed and step count; gap = held-out mean effective gap to "
+        "the Gaussian bound over levels 0, 4, …, 24 (lower is better); decode = synthesis network only, 1 thread.",
+        "",
         f"Command: `OMP_NUM_THREADS=1 python -m bench.arch --steps {args.steps}` — "
         f"{datetime.date.today()}, {platform.machine()} {platform.system()}, torch {torch.__version__}, 1 thread.",
         "",

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from tqdm import tqdm
 
 from codec.calibration import CalibrationSet, load_calibration
 from codec.chunking import from_chunks, row_scales, to_chunks
-from codec.container import FOOTER_SIZE, ContainerHeader, ContainerWriter, TensorRecord
+from codec.container import FOOTER_SIZE, ContainerHeader, ContainerReader, ContainerWriter, TensorRecord
 from codec.entropy import encode_symbols
 from codec.gptq import QuantizedLinear, gptq_quantize, rtn_quantize, to_segments
 from codec.hessian import HessianAccumulator, block_ldl, proxy_error, regularize
@@ -36,6 +38,7 @@ from codec.pipeline import (
     BUNDLE_FILE,
     HEADER_ESTIMATE,
     REPORT_FILE,
+    BundleDecoder,
     CompressReport,
     TensorReport,
     copy_aux_files,
@@ -213,143 +216,244 @@ def _run_layer(layer, hidden: torch.Tensor, kwargs: dict, batch: int) -> torch.T
     return out
 
 
+class BlockCheckpoints:
+    """Finished units of work (embedding, each block, the tail) kept under `out/.nwc-work/` as small containers
+    plus their reports, so a re-run after a crash skips them. A different source, target, method, codec or
+    calibration invalidates them (fingerprint)."""
+
+    def __init__(self, out: Path, fingerprint: dict) -> None:
+        self.dir = out / ".nwc-work"
+        self.state_file = self.dir / "state.json"
+        state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        if state.get("fingerprint") != fingerprint:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            state = {"fingerprint": fingerprint, "done": {}}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state = state
+        self._records: dict[str, TensorRecord] = {}
+        for key in state["done"]:
+            with ContainerReader(self.dir / f"{key}.nwc") as r:
+                self._records.update({rec.name: rec for rec in r})
+
+    def done(self, key: str) -> bool:
+        return key in self.state["done"]
+
+    def record(self, name: str) -> TensorRecord | None:
+        return self._records.get(name)
+
+    def reports(self, name: str) -> tuple[dict, dict | None]:
+        for key in self.state["done"].values():
+            if name in key["tensors"]:
+                return key["tensors"][name], key["layers"].get(name)
+        raise KeyError(name)
+
+    def save(self, key: str, records: list[TensorRecord], tensors: list[TensorReport],
+             layers: list[LayerReport]) -> None:
+        with ContainerWriter(self.dir / f"{key}.nwc", ContainerHeader("", "", "nwc checkpoint", {})) as w:
+            for rec in records:
+                w.add(rec)
+        self.state["done"][key] = {"tensors": {t.name: asdict(t) for t in tensors},
+                                   "layers": {lr.name: asdict(lr) for lr in layers}}
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state))
+        os.replace(tmp, self.state_file)  # the block counts as done only once both files are complete
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class CalibratedCompressor:
+    """One run of calibrated compression; see the module docstring for the data path."""
+
+    def __init__(self, src: Path, out: Path, bits: float, method: str, calib: CalibOptions, codec_id: str | None,
+                 device: str, progress: bool, seed: int) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if method not in ("nwc", "gptq", "rtn"):
+            raise CalibratedError(f"unknown method {method!r} (nwc, gptq, rtn)")
+        self.src, self.out, self.bits, self.method, self.calib = Path(src), Path(out), bits, method, calib
+        self.config = _check_model(self.src, method, bits)
+        self.dev = resolve_device(device)
+        self.source = open_source(self.src)
+        tokenizer = AutoTokenizer.from_pretrained(self.src)
+        self.cs: CalibrationSet = load_calibration(calib.source, tokenizer, calib.n_seq, calib.seq_len, calib.seed)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(self.config)
+        self.n_layers = self.config.num_hidden_layers
+        self.tc = NWCTensorCodec(load_codec(codec_id), self.dev) if method == "nwc" else None
+        self.coder = LayerCoder(method, bits, self.tc, calib)
+        self.order = encode_order(self.source, self.n_layers)
+        self.controller: RateController | None = None
+        if self.tc is not None:
+            plans = {p.name: p for p in plan_model(self.source, self.tc, None, seed, progress, bits)}
+            self.controller = RateController(rate_items([plans[n] for n in self.order]), bits,
+                                             self.source.total_params, self.tc.n_levels, HEADER_ESTIMATE, FOOTER_SIZE)
+            self.controller.check(self.tc.codec.info.id)
+        self.info = self.tc.codec.info if self.tc else None
+        self.by_name = {t.name: t for t in self.source.tensors}
+        self.progress = progress
+        fingerprint = {"source": str(self.src.resolve()), "bits": bits, "method": method, "calib": asdict(calib),
+                       "calib_sha256": self.cs.sha256, "codec": self.info.sha256 if self.info else "", "seed": seed,
+                       "tensors": [(t.name, list(t.shape), t.dtype) for t in self.source.tensors]}
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt = BlockCheckpoints(self.out, fingerprint)
+        self.reports: list[TensorReport] = []
+        self.layer_reports: list[LayerReport] = []
+        self.written: set[str] = set()
+        self._unit: tuple[list[TensorRecord], list[TensorReport], list[LayerReport]] = ([], [], [])
+
+    # -- writing one tensor
+
+    def write(self, name: str, w_orig: torch.Tensor, record_fn, h: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Code one tensor (record_fn(level) -> (Ŵ or None, method, meta, segments)) and append it; a tensor of a
+        checkpointed unit is copied from its checkpoint instead (same bytes, so the same bundle)."""
+        t1 = time.time()
+        wr = self.writer
+        level = self.controller.advance(name, wr.bytes_written, wr.table_bytes) if self.controller else None
+        st = self.by_name[name]
+        saved = self.ckpt.record(name)
+        if saved is not None:
+            wr.add(saved)
+            tr, lr = self.ckpt.reports(name)
+            self.reports.append(TensorReport(**tr))
+            if lr:
+                self.layer_reports.append(LayerReport(**lr))
+            w_hat = None if saved.method == "raw" else self.decoder.decode(saved).float()
+        else:
+            w_hat, rec_method, meta, segs = record_fn(level)
+            rec = TensorRecord(name, st.shape, st.dtype, rec_method, {"file": st.file, **meta}, segs)
+            entry = wr.add(rec)
+            err = None if w_hat is None else nmse(w_orig.reshape(w_orig.shape[0], -1), w_hat)
+            bpw = 8 * entry.nbytes / max(st.numel, 1)
+            tr = TensorReport(name, list(st.shape), rec_method, st.numel, entry.nbytes, bpw, err,
+                              None if level is None else float(level), st.shape[0] if st.shape else 1)
+            self.reports.append(tr)
+            self._unit[0].append(rec)
+            self._unit[1].append(tr)
+            if h is not None and w_hat is not None:
+                lr = LayerReport(name, proxy_error(w_orig, w_hat, h), err, bpw, time.time() - t1)
+                self.layer_reports.append(lr)
+                self._unit[2].append(lr)
+        self.written.add(name)
+        self.bar.update(st.numel)
+        return w_hat
+
+    def end_unit(self, key: str) -> None:
+        if not self.ckpt.done(key):
+            self.ckpt.save(key, *self._unit)
+        self._unit = ([], [], [])
+
+    def model_free(self, name: str, w: torch.Tensor) -> torch.Tensor | None:
+        """Embedding / lm_head: no Hessian. NWC codes it model-free, GPTQ/RTN round it."""
+        def fn(level):
+            if self.method == "nwc":
+                prep = self.tc.prepare(w)
+                enc = self.tc.encode(prep, column_levels(level, prep.cols, n_levels=self.tc.n_levels))
+                segs = nwc_segments(prep.scales, enc.levels, enc.ans, enc.escapes)
+                return enc.decoded, "nwc", {"rows": prep.rows, "cols": prep.cols}, segs
+            w_hat, q = self.coder.fixed_length(w.float(), None)
+            meta, segs = to_segments(q)
+            return w_hat, "rtn", meta, segs
+        return self.write(name, w, fn)
+
+    def raw(self, name: str, t: torch.Tensor) -> None:
+        self.write(name, t, lambda _lv: (None, "raw", {}, {"data": to_bytes(t)}))
+
+    def linear(self, name: str, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        def fn(level):
+            if self.method == "nwc":
+                w_hat, segs, _ = self.coder.nwc(w, h, level)
+                return w_hat, "nwc", {"rows": w.shape[0], "cols": w.shape[1]}, segs
+            w_hat, q = self.coder.fixed_length(w, h)
+            meta, segs = to_segments(q)
+            return w_hat, self.method, meta, segs
+        return self.write(name, w, fn, h)
+
+    # -- the block loop
+
+    def run(self) -> CompressReport:
+        t0 = time.time()
+        source, calib, dev = self.source, self.calib, self.dev
+        info = self.info
+        header = ContainerHeader(
+            info.id if info else "", info.sha256 if info else "", "nwc calibrated",
+            {"source": source.root.name, "target_bits": f"{self.bits:g}", "method": self.method,
+             "calibration_sha256": self.cs.sha256, "shards": json.dumps(source.shard_metadata)},
+        )
+        self.bar = tqdm(total=source.total_params, disable=not self.progress, desc=f"{self.method} {self.bits:g} bpw",
+                        unit="w", unit_scale=True)
+        with ContainerWriter(self.out / BUNDLE_FILE, header) as self.writer:
+            self.decoder = BundleDecoder(_NoReader(header), dev)
+            emb_name = "model.embed_tokens.weight"
+            emb = _load(source, [emb_name])[emb_name]
+            self.model_free(emb_name, emb)
+            self.end_unit("embed")
+            hidden = torch.nn.functional.embedding(self.cs.input_ids, emb.float()).to(dev)
+            del emb
+            rotary = type(self.model.model.rotary_emb)(config=self.config).to(dev)
+            pos = torch.arange(self.cs.seq_len, device=dev)[None]
+            kwargs = {"position_embeddings": rotary(hidden[:1], pos), "position_ids": pos, "attention_mask": None}
+
+            for i in range(self.n_layers):
+                key, prefix = f"layer-{i:03d}", f"model.layers.{i}."
+                layer = self.model.model.layers[i]
+                _materialize(layer, prefix, source, dev)
+                resumed = self.ckpt.done(key)
+                for group in GROUPS:
+                    modules = [layer.get_submodule(m) for m in group]
+                    h = None if resumed else _group_hessian(layer, modules[0], hidden, kwargs, calib.batch).cpu()
+                    for mname, mod in zip(group, modules, strict=True):
+                        name = f"{prefix}{mname}.weight"
+                        w_hat = self.linear(name, mod.weight.detach().cpu().clone(), h)
+                        mod.weight.data.copy_(w_hat.reshape(mod.weight.shape).to(mod.weight.dtype))
+                for name in [n for n in self.order if n.startswith(prefix) and n not in self.written]:
+                    self.raw(name, _load(source, [name])[name])
+                self.end_unit(key)
+                hidden = _run_layer(layer, hidden, kwargs, calib.batch)
+                layer.to("meta")  # free the block
+
+            for name in [n for n in self.order if n not in self.written]:
+                t = _load(source, [name])[name]
+                coded = (self.controller.items[name].coded if self.controller
+                         else t.ndim == 2 and t.dtype.is_floating_point and t.numel() >= 4096)
+                if coded:
+                    self.model_free(name, t)
+                else:
+                    self.raw(name, t)
+            self.end_unit("tail")
+            self.bar.close()
+
+        copy_aux_files(source, self.out)
+        self.ckpt.clear()
+        file_bytes = (self.out / BUNDLE_FILE).stat().st_size
+        cs = self.cs
+        report = CompressReport(
+            str(self.src), info.id if info else "", info.sha256 if info else "", self.bits,
+            8 * file_bytes / source.total_params, file_bytes, source.total_params,
+            sum(r.numel for r in self.reports if r.method != "raw"), time.time() - t0, peak_rss_mb(), dev,
+            self.reports, method=self.method,
+            calibration={"source": cs.source, "sha256": cs.sha256, "n_seq": cs.n_seq, "seq_len": cs.seq_len,
+                         "seed": cs.seed, "damp": calib.damp, "act_order": calib.act_order},
+            layers=[asdict(lr) for lr in self.layer_reports],
+        )
+        (self.out / REPORT_FILE).write_text(report.to_json())
+        return report
+
+
+class _NoReader:
+    """BundleDecoder needs only the header (codec id and sha256) to decode records taken from checkpoints."""
+
+    def __init__(self, header: ContainerHeader) -> None:
+        self.header = header
+
+    def read(self, name: str) -> TensorRecord:
+        raise KeyError(f"alias {name!r} cannot be resolved outside a bundle")
+
+
 def compress_calibrated(src: Path, out: Path, bits: float, method: str = "nwc", calib: CalibOptions | None = None,
                         codec_id: str | None = None, device: str = "auto", progress: bool = True,
                         seed: int = 0) -> CompressReport:
-    """Compress a causal LM with calibration data into the bundle directory `out`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    t0 = time.time()
-    calib = calib or CalibOptions()
-    if method not in ("nwc", "gptq", "rtn"):
-        raise CalibratedError(f"unknown method {method!r} (nwc, gptq, rtn)")
-    src = Path(src)
-    config = _check_model(src, method, bits)
-    dev = resolve_device(device)
-    source = open_source(src)
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    cs: CalibrationSet = load_calibration(calib.source, tokenizer, calib.n_seq, calib.seq_len, calib.seed)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    n_layers = config.num_hidden_layers
-
-    tc = NWCTensorCodec(load_codec(codec_id), dev) if method == "nwc" else None
-    coder = LayerCoder(method, bits, tc, calib)
-    order = encode_order(source, n_layers)
-    controller = None
-    if tc is not None:
-        plans = {p.name: p for p in plan_model(source, tc, None, seed, progress, bits)}
-        controller = RateController(rate_items([plans[n] for n in order]), bits, source.total_params,
-                                    tc.n_levels, HEADER_ESTIMATE, FOOTER_SIZE)
-        controller.check(tc.codec.info.id)
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    info = tc.codec.info if tc else None
-    header = ContainerHeader(
-        info.id if info else "", info.sha256 if info else "", "nwc calibrated",
-        {"source": source.root.name, "target_bits": f"{bits:g}", "method": method,
-         "calibration_sha256": cs.sha256, "shards": json.dumps(source.shard_metadata)},
-    )
-    by_name = {t.name: t for t in source.tensors}
-    reports: list[TensorReport] = []
-    layer_reports: list[LayerReport] = []
-    written: set[str] = set()
-    bar = tqdm(total=source.total_params, disable=not progress, desc=f"{method} {bits:g} bpw", unit="w",
-               unit_scale=True)
-
-    with ContainerWriter(out / BUNDLE_FILE, header) as writer:
-
-        def write(name: str, w_orig: torch.Tensor, record_fn, h: torch.Tensor | None = None) -> torch.Tensor:
-            """Code one tensor (record_fn(level) -> (Ŵ or None, method, meta, segments)) and write it."""
-            t1 = time.time()
-            level = controller.advance(name, writer.bytes_written, writer.table_bytes) if controller else None
-            w_hat, rec_method, meta, segs = record_fn(level)
-            st = by_name[name]
-            meta = {"file": st.file, **meta}
-            entry = writer.add(TensorRecord(name, st.shape, st.dtype, rec_method, meta, segs))
-            err = None if w_hat is None else nmse(w_orig.reshape(w_orig.shape[0], -1), w_hat)
-            reports.append(TensorReport(name, list(st.shape), rec_method, st.numel, entry.nbytes,
-                                        8 * entry.nbytes / max(st.numel, 1), err,
-                                        None if level is None else float(level), st.shape[0] if st.shape else 1))
-            if h is not None and w_hat is not None:
-                layer_reports.append(LayerReport(name, proxy_error(w_orig, w_hat, h), err,
-                                                 8 * entry.nbytes / st.numel, time.time() - t1))
-            written.add(name)
-            bar.update(st.numel)
-            return w_hat
-
-        def model_free(name: str, w: torch.Tensor):
-            """Embedding / lm_head: no Hessian. NWC codes it model-free, GPTQ/RTN round it."""
-            def fn(level):
-                if method == "nwc":
-                    prep = tc.prepare(w)
-                    enc = tc.encode(prep, column_levels(level, prep.cols, n_levels=tc.n_levels))
-                    segs = nwc_segments(prep.scales, enc.levels, enc.ans, enc.escapes)
-                    return enc.decoded, "nwc", {"rows": prep.rows, "cols": prep.cols}, segs
-                w_hat, q = coder.fixed_length(w.float(), None)
-                meta, segs = to_segments(q)
-                return w_hat, "rtn", meta, segs
-            return write(name, w, fn)
-
-        def raw(name: str, t: torch.Tensor):
-            return write(name, t, lambda _lv: (None, "raw", {}, {"data": to_bytes(t)}))
-
-        # Embeddings and calibration activations.
-        emb_name = "model.embed_tokens.weight"
-        emb = _load(source, [emb_name])[emb_name]
-        model_free(emb_name, emb)
-        hidden = torch.nn.functional.embedding(cs.input_ids, emb.float()).to(dev)
-        del emb
-        rotary = type(model.model.rotary_emb)(config=config).to(dev)
-        pos = torch.arange(cs.seq_len, device=dev)[None]
-        kwargs = {"position_embeddings": rotary(hidden[:1], pos), "position_ids": pos, "attention_mask": None}
-
-        for i in range(n_layers):
-            prefix = f"model.layers.{i}."
-            layer = model.model.layers[i]
-            _materialize(layer, prefix, source, dev)
-            for group in GROUPS:
-                modules = [layer.get_submodule(m) for m in group]
-                h = _group_hessian(layer, modules[0], hidden, kwargs, calib.batch).cpu()
-                for mname, mod in zip(group, modules, strict=True):
-                    name = f"{prefix}{mname}.weight"
-                    w = mod.weight.detach().cpu().clone()
-
-                    def fn(level, w=w, h=h):
-                        if method == "nwc":
-                            w_hat, segs, _ = coder.nwc(w, h, level)
-                            return w_hat, "nwc", {"rows": w.shape[0], "cols": w.shape[1]}, segs
-                        w_hat, q = coder.fixed_length(w, h)
-                        meta, segs = to_segments(q)
-                        return w_hat, method, meta, segs
-
-                    w_hat = write(name, w, fn, h)
-                    mod.weight.data.copy_(w_hat.to(mod.weight.dtype))
-            for name in [n for n in order if n.startswith(prefix) and n not in written]:
-                raw(name, _load(source, [name])[name])
-            hidden = _run_layer(layer, hidden, kwargs, calib.batch)
-            layer.to("meta")  # free the block
-
-        for name in [n for n in order if n not in written]:
-            t = _load(source, [name])[name]
-            if method != "nwc" and t.ndim == 2 and t.dtype.is_floating_point and t.numel() >= 4096:
-                model_free(name, t)
-            elif method == "nwc" and controller.items[name].coded:
-                model_free(name, t)
-            else:
-                raw(name, t)
-        bar.close()
-
-    copy_aux_files(source, out)
-    file_bytes = (out / BUNDLE_FILE).stat().st_size
-    report = CompressReport(
-        str(src), info.id if info else "", info.sha256 if info else "", bits, 8 * file_bytes / source.total_params,
-        file_bytes, source.total_params, sum(r.numel for r in reports if r.method != "raw"), time.time() - t0,
-        peak_rss_mb(), dev, reports, method=method,
-        calibration={"source": cs.source, "sha256": cs.sha256, "n_seq": cs.n_seq, "seq_len": cs.seq_len,
-                     "seed": cs.seed, "damp": calib.damp, "act_order": calib.act_order},
-        layers=[asdict(lr) for lr in layer_reports],
-    )
-    (out / REPORT_FILE).write_text(report.to_json())
-    return report
+    """Compress a causal LM with calibration data into the bundle directory `out`. Re-running the same command
+    after a crash resumes from the last finished block and produces an identical bundle."""
+    return CalibratedCompressor(src, out, bits, method, calib or CalibOptions(), codec_id, device, progress,
+                                seed).run()

@@ -113,3 +113,62 @@ def test_calibrated_cli_end_to_end_4bpw(smollm2_dir: Path, tmp_path: Path):
     ppl = json.loads(run("-c", EVAL, str(dense)).splitlines()[-1])["ppl"]
     ppl0 = json.loads(run("-c", EVAL, str(smollm2_dir)).splitlines()[-1])["ppl"]
     assert ppl < PPL_RATIO_BOUND_4BPW * ppl0, (ppl, ppl0)
+
+
+@pytest.fixture(scope="module")
+def small_llama(smollm2_dir: Path, tmp_path_factory) -> Path:
+    """SmolLM2 cut to its first 3 decoder blocks: real weights, real tokenizer, seconds to compress."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("small-llama")
+    keep = {k: v for k, v in load_file(str(smollm2_dir / "model.safetensors")).items()
+            if not k.startswith("model.layers.") or int(k.split(".")[2]) < 3}
+    save_file(keep, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in smollm2_dir.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json" and f.is_file():
+            shutil.copy2(f, out / f.name)
+    cfg = json.loads((smollm2_dir / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+CRASH_RUN = """
+import sys
+from pathlib import Path
+from codec.calibrated import CalibOptions, compress_calibrated
+compress_calibrated(Path(sys.argv[1]), Path(sys.argv[2]), 3.0, sys.argv[3], CalibOptions(n_seq=4, seq_len=128),
+                    device="cpu", progress=False)
+"""
+
+
+@pytest.mark.parametrize("method", ["nwc", "gptq"])
+def test_resume_after_sigkill_gives_identical_bundle(small_llama: Path, tmp_path: Path, method: str):
+    import signal
+    import time
+
+    opts = CalibOptions(n_seq=4, seq_len=128)
+    ref = compress_calibrated(small_llama, tmp_path / "ref", 3.0, method, opts, device="cpu", progress=False)
+    ref_bytes = (tmp_path / "ref" / "model.nwc").read_bytes()
+
+    crashed = tmp_path / "crashed"
+    state = crashed / ".nwc-work" / "state.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", CRASH_RUN, str(small_llama), str(crashed), method], env=env)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and sum(k.startswith("layer-") for k in json.loads(state.read_text())["done"]) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (crashed / "model.nwc").exists()  # a killed run leaves no bundle, only checkpoints
+
+    again = compress_calibrated(small_llama, crashed, 3.0, method, opts, device="cpu", progress=False)
+    assert (crashed / "model.nwc").read_bytes() == ref_bytes
+    def strip(layers):
+        return [{k: v for k, v in lr.items() if k != "seconds"} for lr in layers]
+
+    assert strip(again.layers) == strip(ref.layers) and not (crashed / ".nwc-work").exists()

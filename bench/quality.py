@@ -1,0 +1,159 @@
+"""Model quality vs measured bits/weight on SmolLM2-135M-Instruct: NWC (model-free and calibrated), GPTQ, RTN.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.quality [--targets 3 4] [--eval-tokens 4096]
+        [--calib-seqs 16 --calib-len 256] [--methods nwc-free nwc gptq rtn]
+
+Each point: `nwc compress` in a fresh process (its report gives measured bits, seconds and peak RSS), `nwc
+decompress`, then `evaluate_pair` against the original on the held-out Wikipedia slice (perplexity of both, KL of
+the compressed model's next-token distribution from the original's, top-1 agreement). GPTQ/RTN are fixed-length:
+`--bits B` means int(B) bits + group-128 fp16 scale/min, so they land at ≈ B + 0.27 measured; compare at equal
+*measured* bits (the plot). Writes docs/BENCHMARKS.md (section `quality`) and docs/quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from bench.report import replace_section
+from codec.assets import eval_text, smollm2_dir
+from codec.evaluate import evaluate_pair
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "quality"
+PLOT = ROOT / "docs" / "quality.png"
+METHODS = {  # label -> extra CLI arguments
+    "nwc-free": ["--method", "nwc"],
+    "nwc": ["--method", "nwc", "--calib", "wiki"],
+    "gptq": ["--method", "gptq", "--calib", "wiki"],
+    "rtn": ["--method", "rtn", "--calib", "wiki"],
+}
+
+
+@dataclass
+class Point:
+    method: str
+    target: float
+    bits: float
+    ppl: float
+    ppl_fp: float
+    kl: float
+    top1: float
+    compress_s: float
+    peak_rss_mb: float
+    generation: str
+
+
+def nwc(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "codec.cli", *args], check=True, cwd=ROOT,
+                   env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+
+
+def run_point(method: str, target: float, args: argparse.Namespace, text: str) -> Point:
+    out = RUNS / f"{method}-{target:g}"
+    shutil.rmtree(out, ignore_errors=True)
+    extra = list(METHODS[method])
+    if "--calib" in extra:
+        extra += ["--calib-seqs", str(args.calib_seqs), "--calib-len", str(args.calib_len)]
+    nwc("compress", str(smollm2_dir()), "-o", str(out / "bundle"), "--bits", f"{target:g}", "-q", *extra)
+    nwc("decompress", str(out / "bundle"), "-o", str(out / "dense"), "-q")
+    report = json.loads((out / "bundle" / "report.json").read_text())
+    ev = evaluate_pair(smollm2_dir(), out / "dense", text, max_tokens=args.eval_tokens, window=1024,
+                       text_name="held-out Wikipedia (codec.assets.eval_text)")
+    shutil.rmtree(out / "dense")
+    return Point(method, target, report["measured_bits"], ev.compressed.ppl, ev.original.ppl, ev.kl,
+                 ev.top1_agreement, report["seconds"], report["peak_rss_mb"], ev.generation_compressed)
+
+
+def render(points: list[Point], args: argparse.Namespace, seconds: float, protocol: str) -> str:
+    fp = points[0].ppl_fp
+    lines = [
+        "## Model quality vs bits (SmolLM2-135M-Instruct)",
+        "",
+        f"Command: `OMP_NUM_THREADS=1 python -m bench.quality {' '.join(sys.argv[1:])}` — "
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, CPU only; wall time {seconds / 60:.0f} min.",
+        "",
+        f"Protocol: {protocol}. Calibration: built-in Wikipedia calibration split (first 80 % of articles), "
+        f"{args.calib_seqs} sequences × {args.calib_len} tokens, seed 0. `nwc-free` = NWC without calibration "
+        "(model-free); `nwc` = NWC with LDLQ feedback and Hessian water-filling of per-column rates; GPTQ/RTN: "
+        "group 128, asymmetric, fp16 scale + min, embeddings RTN at the same bits. Bits = 8 × container bytes / all "
+        "parameters. No block fine-tuning yet (see the issue notes).",
+        "",
+        "> **Caveat.** SmolLM2's linears are stored on a Q4_1 grid (MODELS.md): at ≥ 4 bits a method can "
+        "re-find that grid, so ≥ 4-bit numbers overstate what it would do on full-precision weights.",
+        "",
+        f"FP32 original: perplexity {fp:.3f}.",
+        "",
+        "| method | target | measured bits/weight | perplexity | Δ vs FP (%) | KL (nats/token) | top-1 agreement |"
+        " compress s | peak RSS MB | greedy continuation |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in sorted(points, key=lambda p: (p.target, p.method)):
+        gen = p.generation.replace("\n", " ").replace("|", "/")[:40]
+        lines.append(f"| {p.method} | {p.target:g} | {p.bits:.3f} | {p.ppl:.3f} | {100 * (p.ppl / fp - 1):+.1f} | "
+                     f"{p.kl:.4f} | {100 * p.top1:.1f} % | {p.compress_s:.0f} | {p.peak_rss_mb:.0f} | {gen} |")
+    lines += ["", "![perplexity and KL vs measured bits](quality.png)"]
+    return "\n".join(lines)
+
+
+def plot(points: list[Point]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for m in METHODS:
+        ps = sorted((p for p in points if p.method == m), key=lambda p: p.bits)
+        if ps:
+            a.plot([p.bits for p in ps], [p.ppl for p in ps], "o-", label=m)
+            b.plot([p.bits for p in ps], [p.kl for p in ps], "o-", label=m)
+    a.axhline(points[0].ppl_fp, color="k", ls="--", label="FP32 original")
+    a.set_yscale("log")
+    b.set_yscale("log")
+    for ax, t in ((a, "perplexity (held-out Wikipedia)"), (b, "KL(original ‖ compressed), nats/token")):
+        ax.set_xlabel("measured bits / weight (whole file)")
+        ax.set_title(t)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--targets", type=float, nargs="+", default=[3.0, 4.0])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--calib-seqs", type=int, default=16)
+    ap.add_argument("--calib-len", type=int, default=256)
+    args = ap.parse_args()
+    t0 = time.time()
+    text = eval_text()
+    points = []
+    for target in args.targets:
+        for m in args.methods:
+            points.append(run_point(m, target, args, text))
+            print(asdict(points[-1]), flush=True)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    (RUNS / "points.json").write_text(json.dumps([asdict(p) for p in points], indent=1))
+    protocol = (f"perplexity on the first {args.eval_tokens} tokens of the held-out Wikipedia text, non-overlapping "
+                f"windows of 1024, no BOS (SmolLM2's tokenizer adds none), fp32; KL and top-1 on the same tokens")
+    plot(points)
+    replace_section("quality", render(points, args, time.time() - t0, protocol))
+
+
+if __name__ == "__main__":
+    main()
