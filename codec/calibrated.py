@@ -6,6 +6,14 @@ order v, q, k, o, up, gate, down (each group sees the inputs produced by the lay
 run the compressed block to produce the next block's inputs → container. The whole model never sits in
 memory: one block plus the calibration activations.
 
+Block fine-tuning (NOTES §1 step 4, `CalibOptions.finetune_epochs > 0`, every method): a second activation stream
+runs the calibration inputs through the *original* blocks, giving each block's target outputs. After each group
+is coded, the block is trained (Adam, MSE) on the compressed-path inputs towards those targets; trainable are
+the weights not yet coded and every tensor the container stores losslessly (RMSNorm weights, biases), while
+coded weights stay frozen at the values the decoder reproduces. Early stopping on the last calibration
+sequences (held out) keeps the best state; the layers still to be coded are then coded from their fine-tuned
+values, and the norms are written from the fine-tuned block.
+
 Methods share everything but the layer coder:
 - `nwc`: the learned codec with LDLQ error feedback (block LDL of H, last block of columns first) and
   continuous per-column rate allocation by diag(H) (reverse water-filling, NOTES §3); whole-file rate
@@ -53,7 +61,7 @@ from codec.ratecontrol import RateController, column_levels
 from codec.registry import load_codec
 from codec.source import ModelSource, open_source
 from codec.tensor_codec import NWCTensorCodec
-from codec.tensors import to_bytes
+from codec.tensors import parse_dtype, to_bytes
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 # Coding order inside a block (NOTES §1); modules of one group share their input, hence one Hessian.
@@ -77,6 +85,22 @@ class CalibOptions:
     batch: int = 4
     act_order: bool = False  # GPTQ only
     damp: float = 0.01
+    # Block fine-tuning after each coded group (0: off). Adam on MSE to the original block's outputs, batch
+    # `batch` sequences, early stopping on the last `finetune_val_fraction` of the calibration sequences.
+    finetune_epochs: int = 0
+    finetune_lr: float = 1e-4
+    finetune_val_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.finetune_epochs < 0:
+            raise CalibratedError(f"finetune_epochs must be ≥ 0, got {self.finetune_epochs}")
+        if self.finetune_epochs > 0:
+            if not 0 < self.finetune_val_fraction < 1:
+                raise CalibratedError(f"finetune_val_fraction must be in (0, 1), got {self.finetune_val_fraction}")
+            if not self.finetune_lr > 0:
+                raise CalibratedError(f"finetune_lr must be > 0, got {self.finetune_lr}")
+            if self.n_seq < 2:
+                raise CalibratedError("block fine-tuning needs ≥ 2 calibration sequences (train + held out)")
 
 
 @dataclass
@@ -86,6 +110,10 @@ class LayerReport:
     nmse: float
     bits_per_weight: float
     seconds: float
+    # On the last layer of each group when block fine-tuning is on: the block's held-out MSE to the original
+    # block's outputs right after this group was coded (val_before) and after fine-tuning (val_after, the best
+    # epoch; equal to val_before when no epoch improved), epochs run, seconds.
+    finetune: dict | None = None
 
 
 class _Stop(Exception):
@@ -214,6 +242,66 @@ def _run_layer(layer, hidden: torch.Tensor, kwargs: dict, batch: int) -> torch.T
         r = layer(hidden[s : s + batch], **kwargs)
         out[s : s + batch] = r[0] if isinstance(r, tuple) else r
     return out
+
+
+def _forward(layer, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    r = layer(x, **kwargs)
+    return r[0] if isinstance(r, tuple) else r
+
+
+@torch.no_grad()
+def _mse(layer, hidden: torch.Tensor, target: torch.Tensor, kwargs: dict, batch: int) -> float:
+    """Mean squared error of `layer(hidden)` to `target` over every element (float64 accumulation)."""
+    total = 0.0
+    for s in range(0, hidden.shape[0], batch):
+        total += float(((_forward(layer, hidden[s : s + batch], kwargs) - target[s : s + batch]) ** 2)
+                       .sum(dtype=torch.float64))
+    return total / max(target.numel(), 1)
+
+
+def finetune_block(layer, params: list[torch.nn.Parameter], hidden: torch.Tensor, target: torch.Tensor,
+                   kwargs: dict, opts: CalibOptions, generator: torch.Generator) -> dict:
+    """Train `params` of `layer` (Adam, MSE of layer(hidden) to target) for up to `opts.finetune_epochs` epochs on
+    the first sequences, early stopping on the last `finetune_val_fraction` of them; leaves the best state (by
+    held-out MSE, the untrained one included) in place. Other parameters are frozen. Shuffling uses `generator`,
+    so the result is deterministic."""
+    t0 = time.time()
+    n = hidden.shape[0]
+    n_val = min(max(1, round(n * opts.finetune_val_fraction)), n - 1)
+    n_train = n - n_val
+    h_tr, t_tr, h_va, t_va = hidden[:n_train], target[:n_train], hidden[n_train:], target[n_train:]
+    before = best = _mse(layer, h_va, t_va, kwargs, opts.batch)
+    best_state = [p.detach().clone() for p in params]
+    epochs = 0
+    if params:
+        trainable = {id(p) for p in params}
+        for p in layer.parameters():
+            p.requires_grad_(id(p) in trainable)
+        opt = torch.optim.Adam(params, lr=opts.finetune_lr)
+        try:
+            for _ in range(opts.finetune_epochs):
+                perm = torch.randperm(n_train, generator=generator).to(hidden.device)
+                with torch.enable_grad():
+                    for s in range(0, n_train, opts.batch):
+                        idx = perm[s : s + opts.batch]
+                        loss = torch.nn.functional.mse_loss(_forward(layer, h_tr[idx], kwargs), t_tr[idx])
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                epochs += 1
+                val = _mse(layer, h_va, t_va, kwargs, opts.batch)
+                if not val < best:
+                    break
+                best, best_state = val, [p.detach().clone() for p in params]
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, best_state, strict=True):
+                    p.copy_(b)
+            for p in layer.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+    return {"val_before": before, "val_after": best, "epochs": epochs, "train_seqs": n_train, "val_seqs": n_val,
+            "seconds": time.time() - t0}
 
 
 class BlockCheckpoints:
@@ -356,8 +444,11 @@ class CalibratedCompressor:
             return w_hat, "rtn", meta, segs
         return self.write(name, w, fn)
 
-    def raw(self, name: str, t: torch.Tensor) -> None:
+    def raw(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Store `t` losslessly; returns what the decoder will reproduce (the checkpointed value on resume)."""
+        saved = self.ckpt.record(name)
         self.write(name, t, lambda _lv: (None, "raw", {}, {"data": to_bytes(t)}))
+        return t if saved is None else self.decoder.decode(saved)
 
     def linear(self, name: str, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         def fn(level):
@@ -394,22 +485,45 @@ class CalibratedCompressor:
             pos = torch.arange(self.cs.seq_len, device=dev)[None]
             kwargs = {"position_embeddings": rotary(hidden[:1], pos), "position_ids": pos, "attention_mask": None}
 
+            finetune = calib.finetune_epochs > 0
+            orig_hidden = hidden.clone() if finetune else None  # the original model's activations
             for i in range(self.n_layers):
                 key, prefix = f"layer-{i:03d}", f"model.layers.{i}."
                 layer = self.model.model.layers[i]
                 _materialize(layer, prefix, source, dev)
+                layer.requires_grad_(False)
                 resumed = self.ckpt.done(key)
+                target = _run_layer(layer, orig_hidden, kwargs, calib.batch) if finetune else None
+                gen = torch.Generator().manual_seed(calib.seed * 1_000_003 + i)
+                coded: set[str] = set()
                 for group in GROUPS:
                     modules = [layer.get_submodule(m) for m in group]
                     h = None if resumed else _group_hessian(layer, modules[0], hidden, kwargs, calib.batch).cpu()
                     for mname, mod in zip(group, modules, strict=True):
                         name = f"{prefix}{mname}.weight"
                         w_hat = self.linear(name, mod.weight.detach().cpu().clone(), h)
-                        mod.weight.data.copy_(w_hat.reshape(mod.weight.shape).to(mod.weight.dtype))
+                        # exactly what the decoder reproduces (the source dtype), for the next layers' inputs
+                        w_hat = w_hat.to(parse_dtype(self.by_name[name].dtype)).float()
+                        mod.weight.data.copy_(w_hat.reshape(mod.weight.shape))
+                        coded.add(f"{mname}.weight")
+                    if finetune and not resumed:
+                        params = [p for n, p in layer.named_parameters() if n not in coded]
+                        ft = finetune_block(layer, params, hidden, target, kwargs, calib, gen)
+                        last = f"{prefix}{group[-1]}.weight"
+                        next(lr for lr in self._unit[2] if lr.name == last).finetune = ft
+                # the block's other tensors (norms, biases) from the block as it stands (fine-tuned), in the
+                # source dtype; the block then runs with exactly the values the decoder reproduces
+                state = dict(layer.named_parameters())
                 for name in [n for n in self.order if n.startswith(prefix) and n not in self.written]:
-                    self.raw(name, _load(source, [name])[name])
+                    param = state.get(name[len(prefix):])
+                    if param is None:
+                        self.raw(name, _load(source, [name])[name])
+                        continue
+                    t = self.raw(name, param.detach().cpu().to(parse_dtype(self.by_name[name].dtype)))
+                    param.data.copy_(t.to(param.dtype).reshape(param.shape))
                 self.end_unit(key)
                 hidden = _run_layer(layer, hidden, kwargs, calib.batch)
+                orig_hidden = target
                 layer.to("meta")  # free the block
 
             for name in [n for n in self.order if n not in self.written]:
@@ -433,7 +547,9 @@ class CalibratedCompressor:
             sum(r.numel for r in self.reports if r.method != "raw"), time.time() - t0, peak_rss_mb(), dev,
             self.reports, method=self.method,
             calibration={"source": cs.source, "sha256": cs.sha256, "n_seq": cs.n_seq, "seq_len": cs.seq_len,
-                         "seed": cs.seed, "damp": calib.damp, "act_order": calib.act_order},
+                         "seed": cs.seed, "damp": calib.damp, "act_order": calib.act_order,
+                         "finetune_epochs": calib.finetune_epochs, "finetune_lr": calib.finetune_lr,
+                         "finetune_val_fraction": calib.finetune_val_fraction},
             layers=[asdict(lr) for lr in self.layer_reports],
         )
         (self.out / REPORT_FILE).write_text(report.to_json())

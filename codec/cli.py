@@ -95,6 +95,9 @@ def compress(
     calib_seqs: int = typer.Option(32, help="calibration sequences"),
     calib_len: int = typer.Option(512, help="tokens per calibration sequence"),
     act_order: bool = typer.Option(False, help="GPTQ: quantize columns by decreasing Hessian diagonal"),
+    verify: bool = typer.Option(True, help="decode, load, generate and evaluate the result in a fresh process"),
+    dense: Path = typer.Option(None, help="also keep the decoded dense model directory here"),
+    eval_tokens: int = typer.Option(2048, help="held-out tokens for the verification's perplexity and KL"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Compress every tensor of SRC to BITS bits/weight: model-free by default, Hessian-guided with --calib."""
@@ -115,6 +118,19 @@ def compress(
             r = compress_calibrated(src, out, bits, method, opts, codec_id, device, not quiet, seed)
     except (SourceError, RateTargetError, ContainerError, LookupError, CalibratedError, CalibrationError) as e:
         _fail(e)
+    if verify:
+        from dataclasses import asdict
+
+        from codec.pipeline import REPORT_FILE
+        from codec.verify import verify_in_fresh_process
+
+        original = src if src.is_dir() else None
+        v = verify_in_fresh_process(out, original, dense, eval_tokens, device="cpu" if device == "auto" else device)
+        r.verification = asdict(v)
+        (out / REPORT_FILE).write_text(r.to_json())
+        typer.echo(v.summary(), err=not v.ok)
+        if not v.ok:
+            raise typer.Exit(3)
     coded = [t for t in r.tensors if t.nmse is not None]
     mean_nmse = sum(t.nmse * t.rows for t in coded) / max(sum(t.rows for t in coded), 1)
     typer.echo(

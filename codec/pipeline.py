@@ -97,6 +97,7 @@ class CompressReport:
     method: str = "nwc"
     calibration: dict | None = None  # source, sha256, sizes, seed (calibrated compression only)
     layers: list[dict] = field(default_factory=list)  # per-layer proxy error etc. (calibrated only)
+    verification: dict | None = None  # codec.verify.VerifyReport of the fresh-process check
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

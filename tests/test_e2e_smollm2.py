@@ -47,6 +47,9 @@ def test_cli_compress_decompress_smollm2_6bpw(smollm2_dir: Path, tmp_path: Path)
     assert "bits/weight" in out
     report = json.loads((bundle / "report.json").read_text())
     assert abs(report["measured_bits"] - 6) <= 0.05
+    v = report["verification"]  # the CLI's own fresh-process check: load, generate, evaluate
+    assert v["ok"] and v["causal_lm"] and v["generation"].strip(), v
+    assert v["evaluation"]["compressed"]["ppl"] < PPL_RATIO_BOUND_6BPW * v["evaluation"]["original"]["ppl"]
     n_params = report["total_params"]
     assert abs(8 * (bundle / "model.nwc").stat().st_size / n_params - 6) <= 0.05
     _run("-m", "codec.cli", "decompress", str(bundle), "-o", str(dense), "-q")
