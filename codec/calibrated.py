@@ -538,6 +538,9 @@ class CalibratedCompressor:
             self.bar.close()
 
         copy_aux_files(source, self.out)
+        from codec.hf import write_quantization_config  # lazy: imports transformers
+
+        write_quantization_config(self.out, info.id if info else "")
         self.ckpt.clear()
         file_bytes = (self.out / BUNDLE_FILE).stat().st_size
         cs = self.cs

@@ -61,8 +61,10 @@ from codec.container import FORMAT_VERSION, ContainerReader
 from codec.pipeline import BUNDLE_FILE, decompress_model
 from codec.tensors import DTYPES
 
-__all__ = ["QUANT_METHOD", "NWCConfig", "NWCHfQuantizer", "config_marker", "register", "with_quantization_config",
-           "write_quantization_config"]
+__all__ = [
+    "QUANT_METHOD", "NWCConfig", "NWCHfQuantizer", "config_marker", "dense_config_text", "register",
+    "strip_quantization_config", "with_quantization_config", "write_quantization_config",
+]
 
 QUANT_METHOD = "nwc"
 PLACEHOLDER_SUFFIX = ".safetensors"  # transformers only accepts explicit weight names ending like this
@@ -260,6 +262,44 @@ def with_quantization_config(text: str, qc: dict[str, Any]) -> str:
             if parsed == want and list(parsed) == list(want):
                 return new
     return json.dumps(want, indent=2, ensure_ascii=False) + "\n"
+
+
+def dense_config_text(text: str) -> str:
+    """The inverse of `with_quantization_config`, for a dense copy of a bundle: config.json text without nwc's
+    ``quantization_config`` (the source's bytes when the inserted entry is intact). Other text is returned as is."""
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        return text
+    del cfg["quantization_config"]
+    marker = config_marker(qc)
+    if text.count(marker) == 1:
+        stripped = text.replace(marker, "")
+        try:
+            if json.loads(stripped) == cfg:
+                return stripped
+        except json.JSONDecodeError:
+            pass
+    return json.dumps(cfg, indent=2, ensure_ascii=False) + "\n"
+
+
+def strip_quantization_config(model_dir: Path) -> bool:
+    """Remove nwc's ``quantization_config`` from ``model_dir/config.json`` (a directory of dense weights is not
+    a bundle); atomic. Returns whether the file changed."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return False
+    text = path.read_text(encoding="utf-8")
+    new = dense_config_text(text)
+    if new == text:
+        return False
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, path)
+    return True
 
 
 def write_quantization_config(bundle_dir: Path, codec_id: str | None = None) -> bool:

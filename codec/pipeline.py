@@ -248,6 +248,9 @@ def compress_model(src: Path, out: Path, bits: float, codec_id: str | None = Non
                 bar.update(t.numel())
         bar.close()
     copy_aux_files(source, out)
+    from codec.hf import write_quantization_config  # lazy: imports transformers
+
+    write_quantization_config(out, codec.info.id)
     file_bytes = (out / BUNDLE_FILE).stat().st_size
     report = CompressReport(
         str(src), codec.info.id, codec.info.sha256, bits, 8 * file_bytes / max(total_params, 1), file_bytes,
@@ -351,6 +354,9 @@ def decompress_model(bundle: Path, out: Path, device: str = "auto", progress: bo
             for f in src_dir.iterdir():
                 if f.is_file() and f.name not in {BUNDLE_FILE, REPORT_FILE} and not f.name.endswith(".partial"):
                     shutil.copy2(f, tmp / f.name)
+            from codec.hf import strip_quantization_config  # lazy: imports transformers
+
+            strip_quantization_config(tmp)  # dense weights: no longer an nwc bundle
         tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary model directory
         for f in tmp.iterdir():
             f.chmod(0o644)

@@ -140,8 +140,18 @@ def test_with_quantization_config(text: str):
     assert json.loads(new) == {**cfg, "quantization_config": qc}
     assert list(json.loads(new))[-1] == "quantization_config"
     assert hf.with_quantization_config(new, qc) == new
+    assert json.loads(hf.dense_config_text(new)) == cfg
     if "quantization_config" not in text:
-        assert new.replace(hf.config_marker(qc), "") == text
+        assert hf.dense_config_text(new) == text  # byte for byte
+    foreign = '{"model_type": "x", "quantization_config": {"quant_method": "gptq"}}'
+    assert hf.dense_config_text(foreign) == foreign
+
+
+def test_strip_quantization_config_restores_the_source_config(bundle: Path, small_model: Path, tmp_path: Path):
+    shutil.copy2(bundle / "config.json", tmp_path / "config.json")
+    assert hf.strip_quantization_config(tmp_path) is True
+    assert (tmp_path / "config.json").read_bytes() == (small_model / "config.json").read_bytes()
+    assert hf.strip_quantization_config(tmp_path) is False
 
 
 def test_write_quantization_config_leaves_foreign_configs_alone(tmp_path: Path):
