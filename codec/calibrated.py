@@ -85,11 +85,12 @@ class CalibOptions:
     batch: int = 4
     act_order: bool = False  # GPTQ only
     damp: float = 0.01
-    # Block fine-tuning after each coded group (0: off). Adam on MSE to the original block's outputs, batch
-    # `batch` sequences, early stopping on the last `finetune_val_fraction` of the calibration sequences.
+    # Block fine-tuning after each coded group (0: off). Adam on MSE to the original block's outputs, batches of
+    # `finetune_batch` sequences (0: `batch`), early stopping on the last `finetune_val_fraction` of the sequences.
     finetune_epochs: int = 0
-    finetune_lr: float = 1e-4
+    finetune_lr: float = 1e-3
     finetune_val_fraction: float = 0.25
+    finetune_batch: int = 0
 
     def __post_init__(self) -> None:
         if self.finetune_epochs < 0:
@@ -99,6 +100,8 @@ class CalibOptions:
                 raise CalibratedError(f"finetune_val_fraction must be in (0, 1), got {self.finetune_val_fraction}")
             if not self.finetune_lr > 0:
                 raise CalibratedError(f"finetune_lr must be > 0, got {self.finetune_lr}")
+            if self.finetune_batch < 0:
+                raise CalibratedError(f"finetune_batch must be ≥ 0, got {self.finetune_batch}")
             if self.n_seq < 2:
                 raise CalibratedError("block fine-tuning needs ≥ 2 calibration sequences (train + held out)")
 
@@ -269,6 +272,7 @@ def finetune_block(layer, params: list[torch.nn.Parameter], hidden: torch.Tensor
     n = hidden.shape[0]
     n_val = min(max(1, round(n * opts.finetune_val_fraction)), n - 1)
     n_train = n - n_val
+    batch = opts.finetune_batch or opts.batch
     h_tr, t_tr, h_va, t_va = hidden[:n_train], target[:n_train], hidden[n_train:], target[n_train:]
     before = best = _mse(layer, h_va, t_va, kwargs, opts.batch)
     best_state = [p.detach().clone() for p in params]
@@ -282,8 +286,8 @@ def finetune_block(layer, params: list[torch.nn.Parameter], hidden: torch.Tensor
             for _ in range(opts.finetune_epochs):
                 perm = torch.randperm(n_train, generator=generator).to(hidden.device)
                 with torch.enable_grad():
-                    for s in range(0, n_train, opts.batch):
-                        idx = perm[s : s + opts.batch]
+                    for s in range(0, n_train, batch):
+                        idx = perm[s : s + batch]
                         loss = torch.nn.functional.mse_loss(_forward(layer, h_tr[idx], kwargs), t_tr[idx])
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
@@ -552,7 +556,8 @@ class CalibratedCompressor:
             calibration={"source": cs.source, "sha256": cs.sha256, "n_seq": cs.n_seq, "seq_len": cs.seq_len,
                          "seed": cs.seed, "damp": calib.damp, "act_order": calib.act_order,
                          "finetune_epochs": calib.finetune_epochs, "finetune_lr": calib.finetune_lr,
-                         "finetune_val_fraction": calib.finetune_val_fraction},
+                         "finetune_val_fraction": calib.finetune_val_fraction,
+                         "finetune_batch": calib.finetune_batch or calib.batch},
             layers=[asdict(lr) for lr in self.layer_reports],
         )
         (self.out / REPORT_FILE).write_text(report.to_json())
