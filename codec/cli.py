@@ -95,6 +95,7 @@ def compress(
     calib_seqs: int = typer.Option(32, help="calibration sequences"),
     calib_len: int = typer.Option(512, help="tokens per calibration sequence"),
     act_order: bool = typer.Option(False, help="GPTQ: quantize columns by decreasing Hessian diagonal"),
+    finetune_epochs: int = typer.Option(0, help="block fine-tuning epochs on the original block outputs (0: off)"),
     verify: bool = typer.Option(True, help="decode, load, generate and evaluate the result in a fresh process"),
     dense: Path = typer.Option(None, help="also keep the decoded dense model directory here"),
     eval_tokens: int = typer.Option(2048, help="held-out tokens for the verification's perplexity and KL"),
@@ -114,7 +115,8 @@ def compress(
         if calib is None:
             r = compress_model(src, out, bits, codec_id=codec_id, device=device, progress=not quiet, seed=seed)
         else:
-            opts = CalibOptions(calib, calib_seqs, calib_len, seed, act_order=act_order)
+            opts = CalibOptions(calib, calib_seqs, calib_len, seed, act_order=act_order,
+                                finetune_epochs=finetune_epochs)
             r = compress_calibrated(src, out, bits, method, opts, codec_id, device, not quiet, seed)
     except (SourceError, RateTargetError, ContainerError, LookupError, CalibratedError, CalibrationError) as e:
         _fail(e)
