@@ -85,12 +85,13 @@ class CalibOptions:
     batch: int = 4
     act_order: bool = False  # GPTQ only
     damp: float = 0.01
-    # Block fine-tuning after each coded group (0: off). Adam on MSE to the original block's outputs, batches of
-    # `finetune_batch` sequences (0: `batch`), early stopping on the last `finetune_val_fraction` of the sequences.
+    # Block fine-tuning after each coded group (0: off): Adam on the MSE to the original block's outputs, batches
+    # of `finetune_batch` sequences, early stopping on the last `finetune_val_fraction` of the sequences. lr and
+    # batch measured on SmolLM2 at 3 bits with 16 × 256 calibration tokens (docstring of `finetune_block`).
     finetune_epochs: int = 0
     finetune_lr: float = 1e-3
     finetune_val_fraction: float = 0.25
-    finetune_batch: int = 0
+    finetune_batch: int = 1
 
     def __post_init__(self) -> None:
         if self.finetune_epochs < 0:
@@ -100,8 +101,8 @@ class CalibOptions:
                 raise CalibratedError(f"finetune_val_fraction must be in (0, 1), got {self.finetune_val_fraction}")
             if not self.finetune_lr > 0:
                 raise CalibratedError(f"finetune_lr must be > 0, got {self.finetune_lr}")
-            if self.finetune_batch < 0:
-                raise CalibratedError(f"finetune_batch must be ≥ 0, got {self.finetune_batch}")
+            if self.finetune_batch < 1:
+                raise CalibratedError(f"finetune_batch must be ≥ 1, got {self.finetune_batch}")
             if self.n_seq < 2:
                 raise CalibratedError("block fine-tuning needs ≥ 2 calibration sequences (train + held out)")
 
@@ -267,12 +268,19 @@ def finetune_block(layer, params: list[torch.nn.Parameter], hidden: torch.Tensor
     """Train `params` of `layer` (Adam, MSE of layer(hidden) to target) for up to `opts.finetune_epochs` epochs on
     the first sequences, early stopping on the last `finetune_val_fraction` of them; leaves the best state (by
     held-out MSE, the untrained one included) in place. Other parameters are frozen. Shuffling uses `generator`,
-    so the result is deterministic."""
+    so the result is deterministic.
+
+    Measured on SmolLM2-135M at 3 bits (16 × 256 wiki tokens: 12 train + 4 held-out sequences, ppl on 4096 held-out
+    tokens): lr 1e-3 with batches of 1 sequence (12 Adam steps per epoch) beats batches of 4 (3 steps: the paper's
+    3e-6 for 64 steps/epoch moves nothing here; 3e-3 at batch 4 stops after one worse epoch); NWC ppl 20.47 → 19.62
+    (1 epoch), 19.37 (2), 19.56 (5); GPTQ 99.5 → 51.4 (1), 47.8 (2), 48.0 (5). Mean held-out gain per stage at 2
+    epochs: NWC 0.2 % (after v/q/k), 2.7 % (o), 3.0 % (up/gate), 0.1 % (down: norms only); GPTQ 11.7 %, 1.8 %,
+    1.8 %, 0.5 %."""
     t0 = time.time()
     n = hidden.shape[0]
     n_val = min(max(1, round(n * opts.finetune_val_fraction)), n - 1)
     n_train = n - n_val
-    batch = opts.finetune_batch or opts.batch
+    batch = opts.finetune_batch
     h_tr, t_tr, h_va, t_va = hidden[:n_train], target[:n_train], hidden[n_train:], target[n_train:]
     before = best = _mse(layer, h_va, t_va, kwargs, opts.batch)
     best_state = [p.detach().clone() for p in params]
@@ -557,7 +565,7 @@ class CalibratedCompressor:
                          "seed": cs.seed, "damp": calib.damp, "act_order": calib.act_order,
                          "finetune_epochs": calib.finetune_epochs, "finetune_lr": calib.finetune_lr,
                          "finetune_val_fraction": calib.finetune_val_fraction,
-                         "finetune_batch": calib.finetune_batch or calib.batch},
+                         "finetune_batch": calib.finetune_batch},
             layers=[asdict(lr) for lr in self.layer_reports],
         )
         (self.out / REPORT_FILE).write_text(report.to_json())
