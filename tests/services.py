@@ -164,10 +164,10 @@ class PostgresServer:
         self.bin = find_pg_bin()
         self.dir = base / "pg"
         self.port = free_ports(1)[0]
-        self.log = self.dir / "server.log"
-        # initdb refuses to run as root; the Debian package creates the postgres user for this.
-        self._as: list[str] = ["runuser", "-u", "postgres", "--"] if _is_root() else []
-        self.pid: int | None = None
+        self.log = base / "postgres.log"
+        # initdb and postgres refuse to run as root; the Debian package creates the postgres user for this.
+        self._root = _is_root()
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def admin_url(self) -> str:
@@ -176,31 +176,42 @@ class PostgresServer:
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
-    def _run(self, *args: str, timeout: float = 60) -> None:
-        r = subprocess.run([*self._as, *args], capture_output=True, text=True, timeout=timeout)
-        if r.returncode != 0:
-            raise ServiceError(f"{' '.join(args[:2])} failed ({r.returncode}): {r.stderr.strip()}\n{_tail(self.log)}")
+    def _ready(self) -> bool:
+        import psycopg
+
+        try:
+            psycopg.connect(self.admin_url.replace("+psycopg", ""), connect_timeout=1).close()
+        except psycopg.OperationalError:
+            return False
+        return True
 
     def start(self) -> None:
         self.dir.mkdir(parents=True)
-        if _is_root():
+        if self._root:
             shutil.chown(self.dir, "postgres", "postgres")
-        self._run(str(self.bin / "initdb"), "-D", str(self.dir), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                  "--no-sync", "--no-instructions")
-        # Throwaway cluster: durability off for speed; the unix socket stays inside our directory.
-        opts = (
-            f"-h 127.0.0.1 -p {self.port} -k {self.dir}"
-            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        )
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.dir), "-l", str(self.log), "-w", "-t", "60",
-                  "-o", opts, "start", timeout=90)
-        # pg_ctl daemonizes the server; its PID is the first line of postmaster.pid.
-        self.pid = int((self.dir / "postmaster.pid").read_text().split()[0])
+        as_pg = ["runuser", "-u", "postgres", "--"] if self._root else []
+        initdb = [*as_pg, str(self.bin / "initdb"), "-D", str(self.dir), "-U", "postgres", "-A", "trust",
+                  "-E", "UTF8", "--no-sync", "--no-instructions"]
+        r = subprocess.run(initdb, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise ServiceError(f"initdb failed ({r.returncode}): {r.stderr.strip()}")
+        # The server runs in the foreground as our own child (not daemonized by pg_ctl, not under runuser),
+        # so its PID is the Popen's: we stop it by that PID and reap it, and no zombie is left behind under
+        # a PID 1 that does not reap. Durability is off (throwaway cluster); the unix socket stays in our dir.
+        args = [str(self.bin / "postgres"), "-D", str(self.dir), "-h", "127.0.0.1", "-p", str(self.port),
+                "-k", str(self.dir), "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        user = {"user": "postgres", "group": "postgres", "extra_groups": []} if self._root else {}
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.dir, start_new_session=True, **user)  # type: ignore[call-overload]
+        proc = self.proc
+        _wait_until("PostgreSQL", self._ready, 60, lambda: proc.poll() is None, self.log)
 
     def stop(self) -> None:
-        if self.pid is not None:
-            stop_pid(self.pid, signal.SIGINT)  # SIGINT = "fast" shutdown: disconnect clients, then exit
-            self.pid = None
+        if self.proc is not None:
+            # SIGINT = "fast" shutdown: disconnect clients, then exit.
+            stop_pid(self.proc.pid, signal.SIGINT, proc=self.proc)
+            self.proc = None
 
 
 def create_database(admin_url: str, name: str, *, exist_ok: bool = False) -> None:
