@@ -7,7 +7,9 @@ a skip: a suite that silently skips its database tests proves nothing.
 
 Use from a test module by importing the fixtures::
 
-    from services import postgres_url, redis_url, s3_config  # noqa: F401  (pytest fixtures)
+    from services import postgres_server, postgres_url, redis_url, s3_config  # noqa: F401  (pytest fixtures)
+
+(`postgres_url` depends on `postgres_server`, so import both.)
 
 Every module that imports a fixture gets its own session-scoped definition of it, so the
 servers themselves live in one process-wide registry: each starts once, on first use, and

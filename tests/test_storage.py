@@ -150,6 +150,12 @@ def test_put_stream_large_goes_multipart_and_streams(store: ObjectStore, prefix:
     assert pending_uploads(store, prefix) == []
 
 
+def test_empty_object(store: ObjectStore, prefix: str) -> None:
+    res = store.put_stream(prefix + "empty", iter(()))
+    assert (res.size, res.sha256) == (0, hashlib.sha256(b"").hexdigest())
+    assert store.exists(prefix + "empty") and read_all(store, prefix + "empty") == b""
+
+
 def test_overwrite_replaces(store: ObjectStore, prefix: str) -> None:
     key = prefix + "a.txt"
     store.put_stream(key, b"first version")
@@ -231,7 +237,7 @@ def test_invalid_prefixes_are_refused(store: ObjectStore) -> None:
         store.delete_prefix("")
     for bad in ("../", "/abs", "a/../b", "a\\"):
         with pytest.raises(InvalidKey):
-            list(store.list_objects(bad))
+            store.list_objects(bad)  # refused at the call, before iteration
 
 
 # ----------------------------------------------------------------------------- presigned GET

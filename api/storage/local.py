@@ -155,7 +155,10 @@ class LocalStore:
         return path.stat().st_size
 
     def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        validate_prefix(prefix, allow_empty=True)
+        validate_prefix(prefix, allow_empty=True)  # here, not in the generator: a bad prefix fails at the call
+        return self._iter_objects(prefix)
+
+    def _iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         # Walk only the deepest directory the prefix names completely, then filter as a string prefix.
         base_dir = prefix.rpartition("/")[0]
         start = self._objects.joinpath(*base_dir.split("/")) if base_dir else self._objects

@@ -176,7 +176,10 @@ class S3Store:
         return int(self._head(key)["ContentLength"])
 
     def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        validate_prefix(prefix, allow_empty=True)
+        validate_prefix(prefix, allow_empty=True)  # here, not in the generator: a bad prefix fails at the call
+        return self._iter_objects(prefix)
+
+    def _iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         try:
             for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
