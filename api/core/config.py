@@ -63,6 +63,26 @@ class Settings(BaseSettings):
     tenant_max_concurrent_jobs: int = Field(default=2, gt=0)
     tenant_max_storage_bytes: int = Field(default=1024 * GiB, gt=0)
 
+    # Worker (worker/): time limits of one job attempt, leases, retries, webhooks.
+    # The hard limit kills the task; the soft one raises inside it first so it can record the failure.
+    job_soft_time_limit: int = Field(default=6 * 3600, gt=0)
+    job_time_limit: int = Field(default=6 * 3600 + 300, gt=0)
+    # A running job's lease: renewed every lease_heartbeat_seconds; expired = the worker is gone.
+    lease_seconds: float = Field(default=120.0, gt=0)
+    lease_heartbeat_seconds: float = Field(default=10.0, gt=0)
+    # How often each worker's reaper looks for expired leases (also once at worker start).
+    reaper_interval_seconds: float = Field(default=30.0, gt=0)
+    # A job that has been started this many times without finishing is failed by the reaper.
+    job_max_attempts: int = Field(default=3, gt=0)
+    # Local scratch space of the worker (downloaded models, compression output). None = data_dir/work.
+    work_dir: Path | None = None
+    # Celery prefork children are replaced after this many tasks (frees GPU memory between jobs); 0 = never.
+    worker_max_tasks_per_child: int = Field(default=0, ge=0)
+    # Webhooks on terminal job states: POST attempts, first backoff (doubles each time), per-request timeout.
+    webhook_attempts: int = Field(default=5, gt=0)
+    webhook_backoff_seconds: float = Field(default=2.0, ge=0)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+
     # None = huggingface_hub's own default (which honours HF_ENDPOINT).
     hf_endpoint: str | None = None
 
@@ -81,6 +101,12 @@ class Settings(BaseSettings):
             self.store_dir = self.data_dir / "objects"
         if self.result_backend is None:
             self.result_backend = f"db+sqlite:///{self.data_dir / 'celery-results.db'}"
+        if self.work_dir is None:
+            self.work_dir = self.data_dir / "work"
+        if self.job_time_limit <= self.job_soft_time_limit:
+            raise ValueError("NWC_JOB_TIME_LIMIT must be above NWC_JOB_SOFT_TIME_LIMIT")
+        if self.lease_heartbeat_seconds >= self.lease_seconds:
+            raise ValueError("NWC_LEASE_HEARTBEAT_SECONDS must be below NWC_LEASE_SECONDS")
         if self.store_backend == "s3" and not self.s3_bucket:
             raise ValueError("NWC_STORE_BACKEND=s3 needs NWC_S3_BUCKET")
         return self
@@ -90,6 +116,12 @@ class Settings(BaseSettings):
         """database_url after defaulting (never None once validated); typed for callers."""
         assert self.database_url is not None
         return self.database_url
+
+    @property
+    def scratch_dir(self) -> Path:
+        """work_dir after defaulting; typed for callers."""
+        assert self.work_dir is not None
+        return self.work_dir
 
     @property
     def objects_dir(self) -> Path:
