@@ -67,7 +67,7 @@ def run_point(method: str, target: float, args: argparse.Namespace, text: str) -
     if "--calib" in extra:
         extra += ["--calib-seqs", str(args.calib_seqs), "--calib-len", str(args.calib_len)]
     nwc("compress", str(smollm2_dir()), "-o", str(out / "bundle"), "--bits", f"{target:g}", "-q", "--no-verify",
-        *extra)
+        "--no-dense-output", *extra)
     nwc("decompress", str(out / "bundle"), "-o", str(out / "dense"), "-q")
     report = json.loads((out / "bundle" / "report.json").read_text())
     ev = evaluate_pair(smollm2_dir(), out / "dense", text, max_tokens=args.eval_tokens, window=1024,

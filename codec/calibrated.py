@@ -24,21 +24,38 @@ Methods share everything but the layer coder:
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from torch.nn.utils import parametrize
 
+from codec.allocation import (
+    MODES,
+    block_sensitivities,
+    level_offsets,
+    mean_kl,
+    perturbed_output,
+    relative_mse,
+)
 from codec.calibration import CalibrationSet, load_calibration
 from codec.chunking import from_chunks, row_scales, to_chunks
-from codec.container import FOOTER_SIZE, ContainerHeader, ContainerReader, ContainerWriter, TensorRecord
+from codec.container import (
+    FOOTER_SIZE,
+    ContainerHeader,
+    ContainerReader,
+    ContainerWriter,
+    TensorRecord,
+    table_row_bytes,
+)
 from codec.entropy import encode_symbols
 from codec.gptq import QuantizedLinear, gptq_quantize, rtn_quantize, to_segments
 from codec.hessian import HessianAccumulator, block_ldl, proxy_error, regularize
@@ -57,18 +74,20 @@ from codec.pipeline import (
     rate_items,
     resolve_device,
 )
+from codec.progress import Meter, ProgressFn
 from codec.ratecontrol import RateController, column_levels
 from codec.registry import load_codec
 from codec.source import ModelSource, open_source
 from codec.tensor_codec import NWCTensorCodec
 from codec.tensors import parse_dtype, to_bytes
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM"}
 # Coding order inside a block (NOTES §1); modules of one group share their input, hence one Hessian.
 GROUPS = (("self_attn.v_proj", "self_attn.q_proj", "self_attn.k_proj"), ("self_attn.o_proj",),
           ("mlp.up_proj", "mlp.gate_proj"), ("mlp.down_proj",))
 LDL_BLOCK = 128
 GROUP_SIZE = 128
+PROPAGATION_SEQS = 4  # calibration sequences carried by the perturbed streams of the "kl" allocation
 MAX_LEVEL_OFFSET = 8  # per-column rate allocation: at most ±2 bits/weight around the tensor's level
 
 
@@ -92,8 +111,16 @@ class CalibOptions:
     finetune_lr: float = 1e-3
     finetune_val_fraction: float = 0.25
     finetune_batch: int = 1
+    # nwc: rate across layers by measured sensitivity ("kl" | "relative" | "absolute", "none": one shared level),
+    # offsets scaled by `allocation_strength` (codec.allocation; measured in docs/CALIBRATION.md)
+    allocation: str = "kl"
+    allocation_strength: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.allocation not in ("none", *MODES):
+            raise CalibratedError(f"allocation must be one of none, {', '.join(MODES)}; got {self.allocation!r}")
+        if not self.allocation_strength >= 0:
+            raise CalibratedError(f"allocation_strength must be ≥ 0, got {self.allocation_strength}")
         if self.finetune_epochs < 0:
             raise CalibratedError(f"finetune_epochs must be ≥ 0, got {self.finetune_epochs}")
         if self.finetune_epochs > 0:
@@ -118,6 +145,9 @@ class LayerReport:
     # block's outputs right after this group was coded (val_before) and after fine-tuning (val_after, the best
     # epoch; equal to val_before when no epoch improved), epochs run, seconds.
     finetune: dict | None = None
+    # nwc with cross-layer allocation: measured sensitivity and the level offset it gave (codec.allocation)
+    sensitivity: float | None = None
+    level_offset: int | None = None
 
 
 class _Stop(Exception):
@@ -207,6 +237,17 @@ class LayerCoder:
             w_hat[:, s:e] = from_chunks(tc.reconstruct(sym, levels[s:e]), m) * sc
         ans, esc = encode_symbols(symbols, levels, tc.tables)
         return w_hat, nwc_segments(scales, levels, ans, esc), levels
+
+
+def causal_mask(n: int, window: int | None, device: str) -> torch.Tensor:
+    """Additive (1, 1, n, n) mask: query i sees keys j ≤ i, and only i − j < window with a sliding window."""
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= (i - j) < window
+    mask = torch.zeros(n, n, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
 
 
 def water_filling_offsets(diag: torch.Tensor) -> np.ndarray:
@@ -354,9 +395,20 @@ class BlockCheckpoints:
                 w.add(rec)
         self.state["done"][key] = {"tensors": {t.name: asdict(t) for t in tensors},
                                    "layers": {lr.name: asdict(lr) for lr in layers}}
+        self._write_state()  # the block counts as done only once both files are complete
+
+    def get(self, key: str):
+        """A value computed once per run (e.g. the rate allocation), or None."""
+        return self.state.get("extra", {}).get(key)
+
+    def put(self, key: str, value) -> None:
+        self.state.setdefault("extra", {})[key] = value
+        self._write_state()
+
+    def _write_state(self) -> None:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state))
-        os.replace(tmp, self.state_file)  # the block counts as done only once both files are complete
+        os.replace(tmp, self.state_file)
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -366,7 +418,8 @@ class CalibratedCompressor:
     """One run of calibrated compression; see the module docstring for the data path."""
 
     def __init__(self, src: Path, out: Path, bits: float, method: str, calib: CalibOptions, codec_id: str | None,
-                 device: str, progress: bool, seed: int) -> None:
+                 device: str, progress: bool, seed: int, on_progress: ProgressFn | None = None,
+                 on_checkpoint: Callable[[Path], None] | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if method not in ("nwc", "gptq", "rtn"):
@@ -385,63 +438,85 @@ class CalibratedCompressor:
         self.order = encode_order(self.source, self.n_layers)
         self.controller: RateController | None = None
         if self.tc is not None:
-            plans = {p.name: p for p in plan_model(self.source, self.tc, None, seed, progress, bits)}
+            plans = {p.name: p for p in plan_model(self.source, self.tc, None, seed, progress, bits, on_progress)}
             self.controller = RateController(rate_items([plans[n] for n in self.order]), bits,
                                              self.source.total_params, self.tc.n_levels, HEADER_ESTIMATE, FOOTER_SIZE)
             self.controller.check(self.tc.codec.info.id)
         self.info = self.tc.codec.info if self.tc else None
         self.by_name = {t.name: t for t in self.source.tensors}
-        self.progress = progress
-        fingerprint = {"source": str(self.src.resolve()), "bits": bits, "method": method, "calib": asdict(calib),
+        self.progress, self.on_progress, self.on_checkpoint = progress, on_progress, on_checkpoint
+        # No local path in it: a job redelivered to another worker (another download directory) resumes too.
+        fingerprint = {"source": self.source.fingerprint(), "bits": bits, "method": method, "calib": asdict(calib),
                        "calib_sha256": self.cs.sha256, "codec": self.info.sha256 if self.info else "", "seed": seed,
                        "tensors": [(t.name, list(t.shape), t.dtype) for t in self.source.tensors]}
+        fingerprint = json.loads(json.dumps(fingerprint))  # as state.json stores it (tuples become lists)
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt = BlockCheckpoints(self.out, fingerprint)
         self.reports: list[TensorReport] = []
         self.layer_reports: list[LayerReport] = []
         self.written: set[str] = set()
         self._unit: tuple[list[TensorRecord], list[TensorReport], list[LayerReport]] = ([], [], [])
+        self._staged_bytes = self._staged_table = 0
+        self.allocation: dict[str, dict] = {}  # layer name -> {"sensitivity", "level_offset"} (nwc)
 
     # -- writing one tensor
 
     def write(self, name: str, w_orig: torch.Tensor, record_fn, h: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Code one tensor (record_fn(level) -> (Ŵ or None, method, meta, segments)) and append it; a tensor of a
-        checkpointed unit is copied from its checkpoint instead (same bytes, so the same bundle)."""
+        """Code one tensor (record_fn(level) -> (Ŵ or None, method, meta, segments)) and stage it; a tensor of a
+        checkpointed unit is staged from its checkpoint instead (same bytes, so the same bundle). Staged records
+        reach the file at the end of their unit, after block fine-tuning may have rewritten their row scales;
+        rate control counts them as written."""
         t1 = time.time()
-        wr = self.writer
-        level = self.controller.advance(name, wr.bytes_written, wr.table_bytes) if self.controller else None
+        level = None
+        if self.controller:
+            level = self.controller.advance(name, self.writer.bytes_written + self._staged_bytes,
+                                            self.writer.table_bytes + self._staged_table)
         st = self.by_name[name]
         saved = self.ckpt.record(name)
         if saved is not None:
-            wr.add(saved)
-            tr, lr = self.ckpt.reports(name)
-            self.reports.append(TensorReport(**tr))
-            if lr:
-                self.layer_reports.append(LayerReport(**lr))
+            rec = saved
+            tr_d, lr_d = self.ckpt.reports(name)
+            tr, lr = TensorReport(**tr_d), LayerReport(**lr_d) if lr_d else None
             w_hat = None if saved.method == "raw" else self.decoder.decode(saved).float()
         else:
             w_hat, rec_method, meta, segs = record_fn(level)
             rec = TensorRecord(name, st.shape, st.dtype, rec_method, {"file": st.file, **meta}, segs)
-            entry = wr.add(rec)
+            nbytes = sum(len(b) for b in segs.values())
             err = None if w_hat is None else nmse(w_orig.reshape(w_orig.shape[0], -1), w_hat)
-            bpw = 8 * entry.nbytes / max(st.numel, 1)
-            tr = TensorReport(name, list(st.shape), rec_method, st.numel, entry.nbytes, bpw, err,
+            bpw = 8 * nbytes / max(st.numel, 1)
+            tr = TensorReport(name, list(st.shape), rec_method, st.numel, nbytes, bpw, err,
                               None if level is None else float(level), st.shape[0] if st.shape else 1)
-            self.reports.append(tr)
-            self._unit[0].append(rec)
-            self._unit[1].append(tr)
+            lr = None
             if h is not None and w_hat is not None:
-                lr = LayerReport(name, proxy_error(w_orig, w_hat, h), err, bpw, time.time() - t1)
-                self.layer_reports.append(lr)
-                self._unit[2].append(lr)
+                lr = LayerReport(name, proxy_error(w_orig, w_hat, h), err, bpw, time.time() - t1,
+                                 **self.allocation.get(name, {}))
+        self._stage(rec, tr, lr)
         self.written.add(name)
-        self.bar.update(st.numel)
+        self.bar.update(st.numel, name)
         return w_hat
 
+    def _stage(self, rec: TensorRecord, tr: TensorReport, lr: LayerReport | None) -> None:
+        self._unit[0].append(rec)
+        self._unit[1].append(tr)
+        if lr is not None:
+            self._unit[2].append(lr)
+        length = sum(len(b) for b in rec.segments.values())
+        self._staged_bytes += length
+        self._staged_table += table_row_bytes(rec, self.writer.bytes_written + self._staged_bytes, length)
+
     def end_unit(self, key: str) -> None:
+        """Write the unit's staged records and checkpoint the unit (once)."""
+        records, tensors, layers = self._unit
+        for rec in records:
+            self.writer.add(rec)
+        self.reports += tensors
+        self.layer_reports += layers
         if not self.ckpt.done(key):
-            self.ckpt.save(key, *self._unit)
+            self.ckpt.save(key, records, tensors, layers)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(self.ckpt.dir)
         self._unit = ([], [], [])
+        self._staged_bytes = self._staged_table = 0
 
     def model_free(self, name: str, w: torch.Tensor) -> torch.Tensor | None:
         """Embedding / lm_head: no Hessian. NWC codes it model-free, GPTQ/RTN round it."""
@@ -472,6 +547,112 @@ class CalibratedCompressor:
             return w_hat, self.method, meta, segs
         return self.write(name, w, fn, h)
 
+    # -- how a decoder block is called
+
+    def embed(self, weight: torch.Tensor) -> torch.Tensor:
+        """Block 0's input for the calibration ids, with the model's own embedding scale (Gemma: √d)."""
+        scale = float(getattr(self.model.model.embed_tokens, "scalar_embed_scale", 1.0))
+        return (torch.nn.functional.embedding(self.cs.input_ids, weight.float()) * scale).to(self.dev)
+
+    def block_kwargs(self, like: torch.Tensor) -> list[dict]:
+        """Per block: rotary position embeddings and an explicit causal mask for its attention type (Gemma3
+        alternates sliding-window and full attention, each with its own rotary base)."""
+        n = self.cs.seq_len
+        rotary = type(self.model.model.rotary_emb)(config=self.config).to(self.dev)
+        per_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        types = list(getattr(self.config, "layer_types", None) or ["full_attention"] * self.n_layers)
+        pos = torch.arange(n, device=self.dev)[None]
+        by_type = {}
+        for t in sorted(set(types)):
+            window = getattr(self.config, "sliding_window", None) if t == "sliding_attention" else None
+            by_type[t] = {"position_embeddings": rotary(like[:1], pos, t) if per_type else rotary(like[:1], pos),
+                          "position_ids": pos, "attention_mask": causal_mask(n, window, self.dev)}
+        return [by_type[t] for t in types[: self.n_layers]]
+
+    # -- cross-layer rate allocation (nwc)
+
+    def allocate(self, hidden: torch.Tensor, block_kwargs: list[dict]) -> None:
+        """Measure every linear layer's sensitivity on the original model (one pass over the blocks) and hand the
+        resulting level offsets to rate control; kept in the checkpoint state so a resumed run reuses them."""
+        calib = self.calib
+        if self.controller is None or calib.allocation == "none":
+            return
+        saved = self.ckpt.get("allocation")
+        if saved is None:
+            mode = calib.allocation
+            n_prop = min(hidden.shape[0], PROPAGATION_SEQS)
+            meter = Meter("allocate", self.n_layers, "block", False, self.on_progress)
+            sens: dict[str, float] = {}
+            block_of: dict[str, int] = {}
+            births: list[float] = []  # relative block-output error each perturbed stream started with
+            streams: list[torch.Tensor] = []  # one residual stream per block, perturbed at that block
+            for i in range(self.n_layers):
+                prefix, kwargs = f"model.layers.{i}.", block_kwargs[i]
+                layer = self.model.model.layers[i]
+                _materialize(layer, prefix, self.source, self.dev)
+                layer.requires_grad_(False)
+                clean = _run_layer(layer, hidden, kwargs, calib.batch)
+                mods = {f"{prefix}{m}.weight": layer.get_submodule(m) for g in GROUPS for m in g
+                        if f"{prefix}{m}.weight" in self.by_name}
+                gen = torch.Generator().manual_seed(calib.seed * 1_000_003 + i)
+                sens.update(block_sensitivities(layer, mods, hidden, clean, kwargs, calib.batch, gen,
+                                                "absolute" if mode == "absolute" else "relative"))
+                if mode == "kl":
+                    block_of.update(dict.fromkeys(mods, i))
+                    streams = [_run_layer(layer, x, kwargs, calib.batch) for x in streams]
+                    noisy = perturbed_output(layer, mods, hidden[:n_prop], kwargs, calib.batch, gen)
+                    births.append(relative_mse(noisy, clean[:n_prop]))
+                    streams.append(noisy)
+                hidden = clean
+                layer.to("meta")
+                meter.update(detail=prefix)
+            if mode == "kl":
+                gains = [kl / max(b, 1e-30) for kl, b in zip(self._stream_kl(hidden[:n_prop], streams), births,
+                                                              strict=True)]
+                sens = {n: a * gains[block_of[n]] for n, a in sens.items()}
+            saved = [asdict(x) for x in level_offsets(sens, calib.allocation_strength)]
+            self.ckpt.put("allocation", saved)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(self.ckpt.dir)
+        self.allocation = {x["name"]: {"sensitivity": x["sensitivity"], "level_offset": x["offset"]} for x in saved}
+        self.controller.set_offsets({x["name"]: x["offset"] for x in saved})
+
+    @torch.no_grad()
+    def _stream_kl(self, clean: torch.Tensor, streams: list[torch.Tensor]) -> list[float]:
+        """Mean next-token KL of each perturbed last-block output from the clean one (final norm + lm_head of
+        the original model, one sequence at a time to bound the logits' memory)."""
+        norm = self.model.model.norm
+        _materialize(norm, "model.norm.", self.source, self.dev)
+        head_name = "lm_head.weight" if "lm_head.weight" in self.by_name else "model.embed_tokens.weight"
+        head = _load(self.source, [head_name])[head_name].float().to(self.dev)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            z = norm(x) @ head.T
+            return torch.tanh(z / cap) * cap if cap else z
+
+        ref = [logits(clean[s : s + 1]) for s in range(clean.shape[0])]
+        out = [sum(mean_kl(ref[s], logits(x[s : s + 1])) for s in range(x.shape[0])) / x.shape[0] for x in streams]
+        norm.to("meta")
+        return out
+
+    # -- row scales of coded nwc layers, trained by block fine-tuning
+
+    def apply_gains(self, prefix: str, modules: dict[str, torch.nn.Linear]) -> None:
+        """Fold the trained per-row gains into the staged records' fp16 row scales and set each module's weight
+        to exactly what the decoder reproduces from the rewritten record."""
+        records = self._unit[0]
+        for mname, mod in modules.items():
+            gain = mod.parametrizations.weight[0].gain.detach().cpu().float()
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+            name = f"{prefix}{mname}.weight"
+            i = next(j for j, r in enumerate(records) if r.name == name)
+            scales = torch.from_numpy(np.frombuffer(records[i].segments["scales"], "<f2").astype(np.float32))
+            new = (scales * gain).numpy().astype("<f2").tobytes()
+            records[i] = replace(records[i], segments={**records[i].segments, "scales": new})
+            w_hat = self.decoder.decode(records[i]).to(parse_dtype(self.by_name[name].dtype)).float()
+            mod.weight.data.copy_(w_hat.reshape(mod.weight.shape).to(mod.weight.device))
+
     # -- the block loop
 
     def run(self) -> CompressReport:
@@ -483,31 +664,36 @@ class CalibratedCompressor:
             {"source": source.root.name, "target_bits": f"{self.bits:g}", "method": self.method,
              "calibration_sha256": self.cs.sha256, "shards": json.dumps(source.shard_metadata)},
         )
-        self.bar = tqdm(total=source.total_params, disable=not self.progress, desc=f"{self.method} {self.bits:g} bpw",
-                        unit="w", unit_scale=True)
+        self.bar = Meter("compress", source.total_params, "w", self.progress, self.on_progress,
+                         desc=f"{self.method} {self.bits:g} bpw")
         with ContainerWriter(self.out / BUNDLE_FILE, header) as self.writer:
             self.decoder = BundleDecoder(_NoReader(header), dev)
             emb_name = "model.embed_tokens.weight"
             emb = _load(source, [emb_name])[emb_name]
-            self.model_free(emb_name, emb)
+            orig_hidden = self.embed(emb)
+            block_kwargs = self.block_kwargs(orig_hidden)
+            self.allocate(orig_hidden, block_kwargs)  # before the first tensor: the offsets shape the shared level
+            emb_hat = self.model_free(emb_name, emb)
             self.end_unit("embed")
-            hidden = torch.nn.functional.embedding(self.cs.input_ids, emb.float()).to(dev)
+            if emb_hat is not None:  # blocks see the embedding the decoder reproduces
+                emb = emb_hat.to(parse_dtype(self.by_name[emb_name].dtype)).reshape(emb.shape)
+            hidden = self.embed(emb)
             del emb
-            rotary = type(self.model.model.rotary_emb)(config=self.config).to(dev)
-            pos = torch.arange(self.cs.seq_len, device=dev)[None]
-            kwargs = {"position_embeddings": rotary(hidden[:1], pos), "position_ids": pos, "attention_mask": None}
 
             finetune = calib.finetune_epochs > 0
-            orig_hidden = hidden.clone() if finetune else None  # the original model's activations
+            tune_scales = finetune and self.method == "nwc"
+            if not finetune:
+                orig_hidden = None  # the original model's activations are needed only as fine-tuning targets
             for i in range(self.n_layers):
                 key, prefix = f"layer-{i:03d}", f"model.layers.{i}."
-                layer = self.model.model.layers[i]
+                layer, kwargs = self.model.model.layers[i], block_kwargs[i]
                 _materialize(layer, prefix, source, dev)
                 layer.requires_grad_(False)
                 resumed = self.ckpt.done(key)
                 target = _run_layer(layer, orig_hidden, kwargs, calib.batch) if finetune else None
                 gen = torch.Generator().manual_seed(calib.seed * 1_000_003 + i)
                 coded: set[str] = set()
+                gained: dict[str, torch.nn.Linear] = {}
                 for group in GROUPS:
                     modules = [layer.get_submodule(m) for m in group]
                     h = None if resumed else _group_hessian(layer, modules[0], hidden, kwargs, calib.batch).cpu()
@@ -518,11 +704,18 @@ class CalibratedCompressor:
                         w_hat = w_hat.to(parse_dtype(self.by_name[name].dtype)).float()
                         mod.weight.data.copy_(w_hat.reshape(mod.weight.shape))
                         coded.add(f"{mname}.weight")
+                        if tune_scales and not resumed:
+                            parametrize.register_parametrization(mod, "weight", _RowGain(mod.out_features, dev))
+                            gained[mname] = mod
                     if finetune and not resumed:
-                        params = [p for n, p in layer.named_parameters() if n not in coded]
+                        # trainable: row gains of coded layers, weights not yet coded, norms and biases
+                        params = [p for n, p in layer.named_parameters()
+                                  if n not in coded and not n.endswith("parametrizations.weight.original")]
                         ft = finetune_block(layer, params, hidden, target, kwargs, calib, gen)
                         last = f"{prefix}{group[-1]}.weight"
                         next(lr for lr in self._unit[2] if lr.name == last).finetune = ft
+                if gained:
+                    self.apply_gains(prefix, gained)
                 # the block's other tensors (norms, biases) from the block as it stands (fine-tuned), in the
                 # source dtype; the block then runs with exactly the values the decoder reproduces
                 state = dict(layer.named_parameters())
@@ -572,6 +765,17 @@ class CalibratedCompressor:
         return report
 
 
+class _RowGain(torch.nn.Module):
+    """weight ← diag(gain)·weight: fine-tuning a coded nwc layer's fp16 row scales without touching its symbols."""
+
+    def __init__(self, rows: int, device: str) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(rows, device=device))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.gain[:, None]
+
+
 class _NoReader:
     """BundleDecoder needs only the header (codec id and sha256) to decode records taken from checkpoints."""
 
@@ -584,8 +788,12 @@ class _NoReader:
 
 def compress_calibrated(src: Path, out: Path, bits: float, method: str = "nwc", calib: CalibOptions | None = None,
                         codec_id: str | None = None, device: str = "auto", progress: bool = True,
-                        seed: int = 0) -> CompressReport:
+                        seed: int = 0, on_progress: ProgressFn | None = None,
+                        on_checkpoint: Callable[[Path], None] | None = None) -> CompressReport:
     """Compress a causal LM with calibration data into the bundle directory `out`. Re-running the same command
-    after a crash resumes from the last finished block and produces an identical bundle."""
+    after a crash resumes from the last finished block and produces an identical bundle (also from another
+    directory holding the same source). `on_progress` gets allocate/plan/compress events (an exception it raises
+    stops the run); `on_checkpoint(work_dir)` is called after each unit is checkpointed under `out/.nwc-work`,
+    so a service can mirror that directory to durable storage and restore it before a re-run."""
     return CalibratedCompressor(src, out, bits, method, calib or CalibOptions(), codec_id, device, progress,
-                                seed).run()
+                                seed, on_progress, on_checkpoint).run()

@@ -116,6 +116,15 @@ def tokenize_text(text: str, tokenizer) -> torch.Tensor:
     return torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
 
 
+def bos_id(tokenizer: Any) -> int | None:
+    """The BOS id if the tokenizer prepends one by default (Gemma), else None (Llama/SmolLM2 tokenizers)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 def draw_windows(tokens: torch.Tensor, n_seq: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(windows int64 (n_seq, seq_len), offsets int64 (n_seq,)) at seeded uniform offsets."""
     n_offsets = tokens.numel() - seq_len + 1
@@ -141,7 +150,12 @@ def load_calibration(
         raise CalibrationError(
             f"calibration text {label} is too short: it has {tokens.numel()} tokens, fewer than seq_len={seq_len}"
         )
-    windows, offsets = draw_windows(tokens, n_seq, seq_len, seed)
+    bos = bos_id(tokenizer)
+    if bos is not None and seq_len < 2:
+        raise CalibrationError("seq_len must be ≥ 2 for a model whose inputs start with BOS")
+    windows, offsets = draw_windows(tokens, n_seq, seq_len - (bos is not None), seed)
+    if bos is not None:  # the model is trained on BOS-led sequences (Gemma): calibrate on what it will see
+        windows = torch.cat([torch.full((n_seq, 1), bos, dtype=torch.int64), windows], dim=1)
     return CalibrationSet(
         input_ids=windows.contiguous(),
         source=label,

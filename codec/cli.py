@@ -76,7 +76,7 @@ def train_codec_cmd(
     typer.echo(f"registered {info.id} ({info.file}, sha256 {info.sha256[:16]}…) in {report.seconds:.0f} s")
 
 
-def _fail(e: Exception) -> None:
+def _fail(e: Exception | str) -> None:
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
@@ -96,8 +96,13 @@ def compress(
     calib_len: int = typer.Option(512, help="tokens per calibration sequence"),
     act_order: bool = typer.Option(False, help="GPTQ: quantize columns by decreasing Hessian diagonal"),
     finetune_epochs: int = typer.Option(0, help="block fine-tuning epochs on the original block outputs (0: off)"),
+    allocation: str = typer.Option("kl", help="nwc with --calib: rate across layers by measured sensitivity "
+                                   "(kl: effect on next-token KL | relative | absolute block-output error) or none"),
+    allocation_strength: float = typer.Option(1.0, help="scale of the cross-layer level offsets (0: none)"),
     verify: bool = typer.Option(True, help="decode, load, generate and evaluate the result in a fresh process"),
-    dense: Path = typer.Option(None, help="also keep the decoded dense model directory here"),
+    dense: Path = typer.Option(None, help="decoded dense model directory (default: OUT-dense beside the bundle)"),
+    keep_dense: bool = typer.Option(True, "--dense-output/--no-dense-output",
+                                    help="write the dense safetensors model that transformers loads"),
     eval_tokens: int = typer.Option(2048, help="held-out tokens for the verification's perplexity and KL"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
@@ -109,6 +114,10 @@ def compress(
     from codec.ratecontrol import RateTargetError
     from codec.source import SourceError
 
+    dense_dir = (dense or out.parent / f"{out.name}-dense") if keep_dense else None
+    if dense_dir is not None and dense_dir.exists() and (not dense_dir.is_dir() or any(dense_dir.iterdir())):
+        _fail(f"the dense output {dense_dir} exists and is not empty: remove it, pass --dense DIR or "
+              "--no-dense-output")
     try:
         if calib is None and method != "nwc":
             raise CalibratedError(f"--method {method} needs calibration data: add --calib wiki (or a text file)")
@@ -116,7 +125,8 @@ def compress(
             r = compress_model(src, out, bits, codec_id=codec_id, device=device, progress=not quiet, seed=seed)
         else:
             opts = CalibOptions(calib, calib_seqs, calib_len, seed, act_order=act_order,
-                                finetune_epochs=finetune_epochs)
+                                finetune_epochs=finetune_epochs, allocation=allocation,
+                                allocation_strength=allocation_strength)
             r = compress_calibrated(src, out, bits, method, opts, codec_id, device, not quiet, seed)
     except (SourceError, RateTargetError, ContainerError, LookupError, CalibratedError, CalibrationError) as e:
         _fail(e)
@@ -127,12 +137,19 @@ def compress(
         from codec.verify import verify_in_fresh_process
 
         original = src if src.is_dir() else None
-        v = verify_in_fresh_process(out, original, dense, eval_tokens, device="cpu" if device == "auto" else device)
+        v = verify_in_fresh_process(out, original, dense_dir, eval_tokens,
+                                    device="cpu" if device == "auto" else device)
         r.verification = asdict(v)
         (out / REPORT_FILE).write_text(r.to_json())
         typer.echo(v.summary(), err=not v.ok)
         if not v.ok:
             raise typer.Exit(3)
+    elif dense_dir is not None:
+        from codec.pipeline import decompress_model
+
+        decompress_model(out, dense_dir, device=device, progress=not quiet)
+    if dense_dir is not None:
+        typer.echo(f"dense model (transformers loads it): {dense_dir}")
     coded = [t for t in r.tensors if t.nmse is not None]
     mean_nmse = sum(t.nmse * t.rows for t in coded) / max(sum(t.rows for t in coded), 1)
     typer.echo(

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from codec.calibration import bos_id
+
 # Positions per chunk of logits: this many bytes of fp32 logits per model at a time (49152-token vocab: 170).
 _CHUNK_BYTES = 32 << 20
 
@@ -117,15 +119,6 @@ def _load(model_dir: Path, device: str) -> tuple[Any, Any]:
     return _load_tokenizer(model_dir), _load_model(model_dir, device)
 
 
-def _bos_id(tokenizer: Any) -> int | None:
-    """The BOS id if the tokenizer prepends one by default, else None."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return None
-    ids = tokenizer("a")["input_ids"]
-    return bos if ids and ids[0] == bos else None
-
-
 def _token_ids(tokenizer: Any, text: str, max_tokens: int) -> list[int]:
     """The first ``max_tokens`` ids of ``text``, encoded without special tokens."""
     return tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
@@ -185,7 +178,7 @@ def perplexity(
         raise ValueError("window must be at least 2 tokens")
     tokenizer, model = _load(Path(model_dir), device)
     ids = _token_ids(tokenizer, text, max_tokens)
-    bos = _bos_id(tokenizer)
+    bos = bos_id(tokenizer)
     total_nll = 0.0
     scored = 0
     with torch.inference_mode():
@@ -277,8 +270,8 @@ def _check_tokenizers(orig_tok: Any, comp_tok: Any, ids: list[int], text: str, m
     problem = None
     if orig_tok.get_vocab() != comp_tok.get_vocab():
         problem = f"tokenizer vocabularies differ ({len(orig_tok)} vs {len(comp_tok)} tokens)"
-    elif _bos_id(orig_tok) != _bos_id(comp_tok):
-        problem = f"BOS rules differ ({_bos_id(orig_tok)} vs {_bos_id(comp_tok)})"
+    elif bos_id(orig_tok) != bos_id(comp_tok):
+        problem = f"BOS rules differ ({bos_id(orig_tok)} vs {bos_id(comp_tok)})"
     elif _token_ids(comp_tok, text, max_tokens) != ids:
         problem = "the two tokenizers encode the evaluation text differently"
     if problem:
@@ -375,7 +368,7 @@ def evaluate_pair(
     ids = _token_ids(tokenizer, text, max_tokens)
     _check_tokenizers(tokenizer, _load_tokenizer(compressed_dir), ids, text, max_tokens,
                       original_dir, compressed_dir)
-    bos = _bos_id(tokenizer)
+    bos = bos_id(tokenizer)
     max_pos = [getattr(c.get_text_config(), "max_position_embeddings", None) for c in configs]
     limits = [m - (1 if bos is not None else 0) for m in max_pos if m]
     requested = window

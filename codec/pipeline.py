@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from codec import __version__
 from codec.chunking import as_matrix
@@ -33,6 +32,7 @@ from codec.container import (
     table_row_bytes,
 )
 from codec.gptq import from_segments
+from codec.progress import Meter, ProgressFn
 from codec.ratecontrol import RateController, RateItem, column_levels, monotone
 from codec.registry import CodecIntegrityError, LoadedCodec, load_codec
 from codec.source import ModelSource, open_source, write_index
@@ -155,10 +155,10 @@ def rate_curve(tc: NWCTensorCodec, chunks: torch.Tensor, rows: int, cols: int, s
 
 
 def plan_model(source: ModelSource, tc: NWCTensorCodec, include: Callable[[str], bool] | None,
-               seed: int, progress: bool, bits: float) -> list[TensorPlan]:
+               seed: int, progress: bool, bits: float, on_progress: ProgressFn | None = None) -> list[TensorPlan]:
     plans: list[TensorPlan] = []
     seen: dict[str, str] = {}
-    bar = tqdm(total=len(source.tensors), disable=not progress, desc="plan", unit="tensor")
+    bar = Meter("plan", len(source.tensors), "tensor", progress, on_progress)
     for shard, ts in source.by_shard():
         for i, (name, t) in enumerate(source.load(shard, [x.name for x in ts])):
             digest = hashlib.sha256(to_bytes(t)).hexdigest() + str(t.dtype) + str(tuple(t.shape))
@@ -181,7 +181,7 @@ def plan_model(source: ModelSource, tc: NWCTensorCodec, include: Callable[[str],
                 record_stub(name, ts[i].shape, ts[i].dtype, p.method, shard.name, p.alias_of),
                 file_size, int(p.fixed_bytes + (p.numel * bits / 8 if p.method == "nwc" else 0)),
             )
-            bar.update()
+            bar.update(detail=name)
     bar.close()
     return plans
 
@@ -203,15 +203,16 @@ def nwc_segments(scales: torch.Tensor, levels: np.ndarray, ans: bytes, escapes: 
 
 def compress_model(src: Path, out: Path, bits: float, codec_id: str | None = None, device: str = "auto",
                    progress: bool = True, include: Callable[[str], bool] | None = None,
-                   seed: int = 0) -> CompressReport:
+                   seed: int = 0, on_progress: ProgressFn | None = None) -> CompressReport:
     """Compress every tensor of `src` into the bundle directory `out` at `bits` bits/weight on average,
-    counting every byte of the container file against every parameter."""
+    counting every byte of the container file against every parameter. `on_progress` receives plan and
+    compress events (an exception it raises aborts the run and leaves no bundle)."""
     t0 = time.time()
     source = open_source(Path(src))
     dev = resolve_device(device)
     codec = load_codec(codec_id)
     tc = NWCTensorCodec(codec, dev)
-    plans = plan_model(source, tc, include, seed, progress, bits)
+    plans = plan_model(source, tc, include, seed, progress, bits, on_progress)
     total_params = source.total_params
     rc = RateController(rate_items(plans), bits, total_params, tc.n_levels, HEADER_ESTIMATE, FOOTER_SIZE)
     rc.check(codec.info.id)
@@ -224,7 +225,7 @@ def compress_model(src: Path, out: Path, bits: float, codec_id: str | None = Non
     )
     reports: list[TensorReport] = []
     by_name = {p.name: p for p in plans}
-    bar = tqdm(total=total_params, disable=not progress, desc=f"compress {bits:g} bpw", unit="w", unit_scale=True)
+    bar = Meter("compress", total_params, "w", progress, on_progress, desc=f"compress {bits:g} bpw")
     with ContainerWriter(out / BUNDLE_FILE, header) as writer:
         for shard, ts in source.by_shard():
             for name, t in source.load(shard, [x.name for x in ts]):
@@ -245,7 +246,7 @@ def compress_model(src: Path, out: Path, bits: float, codec_id: str | None = Non
                     name, list(t.shape), p.method, t.numel(), entry.nbytes, 8 * entry.nbytes / max(t.numel(), 1),
                     err, level, t.shape[0] if t.ndim else 1,
                 ))
-                bar.update(t.numel())
+                bar.update(t.numel(), name)
         bar.close()
     copy_aux_files(source, out)
     from codec.hf import write_quantization_config  # lazy: imports transformers
@@ -305,8 +306,22 @@ class BundleDecoder:
         raise ValueError(f"tensor {rec.name!r}: unknown method {rec.method!r}")
 
 
+def model_card(header: ContainerHeader) -> str:
+    """README.md of a dense output: Hub-style front matter naming the base model, and how it was made."""
+    a = header.attrs
+    source = a.get("source", "unknown")
+    how = f"method `{a.get('method', 'nwc')}`, target {a.get('target_bits', '?')} bits/weight"
+    if header.codec_id:
+        how += f", codec `{header.codec_id}`"
+    if a.get("calibration_sha256"):
+        how += f", calibration text sha256 `{a['calibration_sha256'][:16]}…`"
+    return (f"---\nbase_model: {source}\ntags:\n- nwc\n- compressed\n---\n\n# {source}, NWC-compressed\n\n"
+            f"Dense weights decoded from an NWC bundle ({how}). Loads with "
+            f"`AutoModelForCausalLM.from_pretrained` like the original; the weights carry the compression error.\n")
+
+
 def decompress_model(bundle: Path, out: Path, device: str = "auto", progress: bool = True,
-                     shard_name: str | None = None) -> Path:
+                     shard_name: str | None = None, on_progress: ProgressFn | None = None) -> Path:
     """Write a dense model directory (safetensors shards + index + the bundle's small files) that
     transformers loads. Built in a temporary directory and moved into place only when complete."""
     bundle = Path(bundle)
@@ -319,6 +334,7 @@ def decompress_model(bundle: Path, out: Path, device: str = "auto", progress: bo
     try:
         with ContainerReader(bundle_file(bundle)) as reader:
             dec = BundleDecoder(reader, device)
+            header = reader.header
             shard_meta = json.loads(reader.header.attrs.get("shards", "{}"))
             weight_map: dict[str, str] = {}
             total = 0
@@ -331,7 +347,7 @@ def decompress_model(bundle: Path, out: Path, device: str = "auto", progress: bo
                 tensors.clear()
 
             n_params = sum(e.numel for e in reader.entries)
-            bar = tqdm(total=n_params, disable=not progress, desc="decompress", unit="w", unit_scale=True)
+            bar = Meter("decompress", n_params, "w", progress, on_progress)
             flushed: set[str] = set()
             for rec in reader:
                 file = shard_name or str(rec.meta.get("file", "model.safetensors"))
@@ -346,7 +362,7 @@ def decompress_model(bundle: Path, out: Path, device: str = "auto", progress: bo
                 tensors[rec.name] = t.contiguous()
                 weight_map[rec.name] = file
                 total += t.numel() * t.element_size()
-                bar.update(t.numel())
+                bar.update(t.numel(), rec.name)
             flush()
             bar.close()
         write_index(tmp, weight_map, total)
@@ -357,6 +373,7 @@ def decompress_model(bundle: Path, out: Path, device: str = "auto", progress: bo
             from codec.hf import strip_quantization_config  # lazy: imports transformers
 
             strip_quantization_config(tmp)  # dense weights: no longer an nwc bundle
+        (tmp / "README.md").write_text(model_card(header))
         tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary model directory
         for f in tmp.iterdir():
             f.chmod(0o644)

@@ -25,27 +25,37 @@ def monotone(curve: np.ndarray) -> np.ndarray:
 
 
 class LevelSolver:
-    """Vectorized solve of the shared fractional level over the tensors not yet encoded."""
+    """Vectorized solve of the shared fractional level over the tensors not yet encoded. Tensor i codes at
+    level clip(t + offsets[i], 0, L−1): the offsets carry a cross-layer allocation (codec.allocation)."""
 
-    def __init__(self, curves: np.ndarray, numels: np.ndarray) -> None:
+    def __init__(self, curves: np.ndarray, numels: np.ndarray, offsets: np.ndarray | None = None) -> None:
         self.curves, self.numels = curves, numels.astype(np.float64)
+        self.offsets = np.zeros(len(curves)) if offsets is None else offsets.astype(np.float64)
+
+    def level(self, t: float, i: int) -> float:
+        return float(np.clip(t + self.offsets[i], 0, self.curves.shape[1] - 1))
 
     def total(self, t: float, start: int) -> float:
-        lo = int(np.floor(t))
-        hi = min(lo + 1, self.curves.shape[1] - 1)
-        f = t - lo
+        L = self.curves.shape[1]
+        lv = np.clip(t + self.offsets[start:], 0, L - 1)
+        lo = np.floor(lv).astype(np.int64)
+        hi = np.minimum(lo + 1, L - 1)
+        f = lv - lo
         c = self.curves[start:]
-        return float(self.numels[start:] @ ((1 - f) * c[:, lo] + f * c[:, hi]))
+        rows = np.arange(len(c))
+        return float(self.numels[start:] @ ((1 - f) * c[rows, lo] + f * c[rows, hi]))
 
     def solve(self, budget_bits: float, start: int = 0) -> float:
         L = self.curves.shape[1]
         if start >= len(self.curves):
             return float(L - 1)
-        if self.total(0.0, start) > budget_bits:
+        # t's range must let every tensor reach both ends whatever its offset
+        lo = float(-np.max(self.offsets[start:], initial=0.0).clip(min=0))
+        hi = float(L - 1 - np.min(self.offsets[start:], initial=0.0).clip(max=0))
+        if self.total(lo, start) > budget_bits:
             raise RateTargetError("the requested bits/weight is below the lowest rate this codec reaches")
-        if self.total(L - 1, start) <= budget_bits:
-            return float(L - 1)
-        lo, hi = 0.0, float(L - 1)
+        if self.total(hi, start) <= budget_bits:
+            return hi
         for _ in range(50):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if self.total(mid, start) <= budget_bits else (lo, mid)
@@ -118,6 +128,11 @@ class RateController:
                 f"{lo:.2f} to {hi:.2f} bits/weight (lossless tensors and side info included)"
             )
 
+    def set_offsets(self, offsets: dict[str, float]) -> None:
+        """Per-tensor level offsets (cross-layer allocation); tensors not named keep 0. Set before encoding."""
+        for name, off in offsets.items():
+            self.solver.offsets[self._coded_index[name]] = off
+
     def advance(self, name: str, bytes_written: int, table_bytes_written: int) -> float | None:
         """Call once per tensor, in encode order, before writing it: the level for a coded tensor."""
         it = self.items[name]
@@ -126,4 +141,5 @@ class RateController:
             return None
         this = it.fixed_bytes + it.table_bytes
         spare = self.budget_bytes - bytes_written - table_bytes_written - self._pending - this
-        return self.solver.solve(8 * spare, self._coded_index[name])
+        i = self._coded_index[name]
+        return self.solver.level(self.solver.solve(8 * spare, i), i)

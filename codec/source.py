@@ -5,6 +5,7 @@ Only headers are read up front (validated by the safetensors library); tensors a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -56,6 +57,19 @@ class ModelSource:
     def by_shard(self) -> Iterator[tuple[Path, list[SourceTensor]]]:
         for shard in self.shards:
             yield shard, [t for t in self.tensors if t.file == shard.name]
+
+    def fingerprint(self) -> str:
+        """sha256 over each shard's name, size and 64 samples of 4 KiB spread over it: tells different weights
+        apart without reading a large model whole, and does not depend on where the files sit."""
+        h = hashlib.sha256()
+        for shard in self.shards:
+            size = shard.stat().st_size
+            h.update(f"{shard.name}:{size}:".encode())
+            with open(shard, "rb") as f:
+                for k in range(64):
+                    f.seek(size * k // 64)
+                    h.update(f.read(4096))
+        return h.hexdigest()
 
     def load(self, shard: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Tensors of one shard, one at a time (mmap-backed: only the current one is resident)."""
