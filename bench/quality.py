@@ -1,7 +1,10 @@
 """Model quality vs measured bits/weight on SmolLM2-135M-Instruct: NWC (model-free and calibrated), GPTQ, RTN.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.quality [--targets 3 4] [--eval-tokens 4096]
-        [--calib-seqs 16 --calib-len 256] [--methods nwc-free nwc gptq rtn]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.quality [--targets 2 3 4 5 6] [--eval-tokens 4096]
+        [--calib-seqs 16 --calib-len 256] [--methods nwc-free nwc nwc-ft gptq rtn] [--jobs 2] [--resume]
+
+Points run `--jobs` at a time; each finished point is saved to runs/quality/points.json at once, and `--resume`
+skips points already there (same method, target and calibration), so a long run can be continued.
 
 Each point: `nwc compress` in a fresh process (its report gives measured bits, seconds and peak RSS), `nwc
 decompress`, then `evaluate_pair` against the original on the held-out Wikipedia slice (perplexity of both, KL of
@@ -20,7 +23,9 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +41,7 @@ PLOT = ROOT / "docs" / "quality.png"
 METHODS = {  # label -> extra CLI arguments
     "nwc-free": ["--method", "nwc"],
     "nwc": ["--method", "nwc", "--calib", "wiki"],
+    "nwc-ft": ["--method", "nwc", "--calib", "wiki", "--finetune-epochs", "2"],
     "gptq": ["--method", "gptq", "--calib", "wiki"],
     "rtn": ["--method", "rtn", "--calib", "wiki"],
 }
@@ -89,8 +95,10 @@ def render(points: list[Point], args: argparse.Namespace, seconds: float, protoc
         f"Protocol: {protocol}. Calibration: built-in Wikipedia calibration split (first 80 % of articles), "
         f"{args.calib_seqs} sequences × {args.calib_len} tokens, seed 0. `nwc-free` = NWC without calibration "
         "(model-free); `nwc` = NWC with LDLQ feedback and Hessian water-filling of per-column rates; GPTQ/RTN: "
-        "group 128, asymmetric, fp16 scale + min, embeddings RTN at the same bits. Bits = 8 × container bytes / all "
-        "parameters. No block fine-tuning yet (see the issue notes).",
+        "group 128, asymmetric, fp16 scale + min, embeddings RTN at the same bits; `nwc-ft` = `nwc` plus block "
+        "fine-tuning (2 epochs; row scales of coded layers, weights not yet coded, norms). Bits = 8 × container "
+        "bytes / all parameters. Compress seconds are wall time on a shared 2-core machine running two points at "
+        "once (indicative only).",
         "",
         "> **Caveat.** SmolLM2's linears are stored on a Q4_1 grid (MODELS.md): at ≥ 4 bits a method can "
         "re-find that grid, so ≥ 4-bit numbers overstate what it would do on full-precision weights.",
@@ -140,16 +148,30 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--calib-seqs", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--jobs", type=int, default=1, help="points run at once (each is a few processes)")
+    ap.add_argument("--resume", action="store_true", help="keep finished points of runs/quality/points.json")
     args = ap.parse_args()
     t0 = time.time()
     text = eval_text()
-    points = []
-    for target in args.targets:
-        for m in args.methods:
-            points.append(run_point(m, target, args, text))
-            print(asdict(points[-1]), flush=True)
     RUNS.mkdir(parents=True, exist_ok=True)
-    (RUNS / "points.json").write_text(json.dumps([asdict(p) for p in points], indent=1))
+    saved = RUNS / "points.json"
+    calib = {"calib_seqs": args.calib_seqs, "calib_len": args.calib_len, "eval_tokens": args.eval_tokens}
+    old = json.loads(saved.read_text()) if args.resume and saved.exists() else {"calib": calib, "points": []}
+    points = [Point(**p) for p in old["points"]] if old.get("calib") == calib else []
+    have = {(p.method, p.target) for p in points}
+    todo = [(m, t) for t in args.targets for m in args.methods if (m, float(t)) not in have]
+    lock = threading.Lock()
+
+    def one(mt: tuple[str, float]) -> None:
+        p = run_point(mt[0], mt[1], args, text)
+        with lock:
+            points.append(p)
+            saved.write_text(json.dumps({"calib": calib, "points": [asdict(x) for x in points]}, indent=1))
+            print(asdict(p), flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for f in [pool.submit(one, mt) for mt in todo]:
+            f.result()
     protocol = (f"perplexity on the first {args.eval_tokens} tokens of the held-out Wikipedia text, non-overlapping "
                 f"windows of 1024, no BOS (SmolLM2's tokenizer adds none), fp32; KL and top-1 on the same tokens")
     plot(points)

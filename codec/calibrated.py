@@ -113,7 +113,7 @@ class CalibOptions:
     finetune_batch: int = 1
     # nwc: rate across layers by measured sensitivity ("kl" | "relative" | "absolute", "none": one shared level),
     # offsets scaled by `allocation_strength` (codec.allocation; measured in docs/CALIBRATION.md)
-    allocation: str = "kl"
+    allocation: str = "none"
     allocation_strength: float = 1.0
 
     def __post_init__(self) -> None:
@@ -538,6 +538,8 @@ class CalibratedCompressor:
         return t if saved is None else self.decoder.decode(saved)
 
     def linear(self, name: str, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if self.controller is not None and not self.controller.items[name].coded:
+            return self.raw(name, w)  # too small for the codec (< 4096 weights): stored as is, like model-free
         def fn(level):
             if self.method == "nwc":
                 w_hat, segs, _ = self.coder.nwc(w, h, level)
@@ -593,7 +595,7 @@ class CalibratedCompressor:
                 layer.requires_grad_(False)
                 clean = _run_layer(layer, hidden, kwargs, calib.batch)
                 mods = {f"{prefix}{m}.weight": layer.get_submodule(m) for g in GROUPS for m in g
-                        if f"{prefix}{m}.weight" in self.by_name}
+                        if self.controller.items[f"{prefix}{m}.weight"].coded}
                 gen = torch.Generator().manual_seed(calib.seed * 1_000_003 + i)
                 sens.update(block_sensitivities(layer, mods, hidden, clean, kwargs, calib.batch, gen,
                                                 "absolute" if mode == "absolute" else "relative"))
@@ -704,7 +706,7 @@ class CalibratedCompressor:
                         w_hat = w_hat.to(parse_dtype(self.by_name[name].dtype)).float()
                         mod.weight.data.copy_(w_hat.reshape(mod.weight.shape))
                         coded.add(f"{mname}.weight")
-                        if tune_scales and not resumed:
+                        if tune_scales and not resumed and self.controller.items[name].coded:
                             parametrize.register_parametrization(mod, "weight", _RowGain(mod.out_features, dev))
                             gained[mname] = mod
                     if finetune and not resumed:
@@ -712,8 +714,10 @@ class CalibratedCompressor:
                         params = [p for n, p in layer.named_parameters()
                                   if n not in coded and not n.endswith("parametrizations.weight.original")]
                         ft = finetune_block(layer, params, hidden, target, kwargs, calib, gen)
-                        last = f"{prefix}{group[-1]}.weight"
-                        next(lr for lr in self._unit[2] if lr.name == last).finetune = ft
+                        names = {f"{prefix}{m}.weight" for m in group}
+                        coded_here = [lr for lr in self._unit[2] if lr.name in names]
+                        if coded_here:  # on the group's last coded layer
+                            coded_here[-1].finetune = ft
                 if gained:
                     self.apply_gains(prefix, gained)
                 # the block's other tensors (norms, biases) from the block as it stands (fine-tuned), in the

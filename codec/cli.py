@@ -1,4 +1,4 @@
-"""The `nwc` command line: compress, decompress, inspect, train-codec."""
+"""The `nwc` command line: compress, decompress, inspect, train-codec; worker, serve, db upgrade (service)."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def compress(
     calib_len: int = typer.Option(512, help="tokens per calibration sequence"),
     act_order: bool = typer.Option(False, help="GPTQ: quantize columns by decreasing Hessian diagonal"),
     finetune_epochs: int = typer.Option(0, help="block fine-tuning epochs on the original block outputs (0: off)"),
-    allocation: str = typer.Option("kl", help="nwc with --calib: rate across layers by measured sensitivity "
+    allocation: str = typer.Option("none", help="nwc with --calib: rate across layers by measured sensitivity "
                                    "(kl: effect on next-token KL | relative | absolute block-output error) or none"),
     allocation_strength: float = typer.Option(1.0, help="scale of the cross-layer level offsets (0: none)"),
     verify: bool = typer.Option(True, help="decode, load, generate and evaluate the result in a fresh process"),
@@ -256,6 +256,130 @@ def codecs() -> None:
     for c in list_codecs():
         mark = "*" if c.id == default else " "
         typer.echo(f"{mark} {c.id}  {c.file}  sha256 {c.sha256[:16]}  {c.config}  trained: {c.training.get('command')}")
+
+
+# ----------------------------------------------------------------------------- service (thin wrappers)
+# The service lives in api/ and worker/; these commands import it lazily so that `nwc compress` never loads
+# web packages (and the worker's parent process never imports torch).
+
+db_app = typer.Typer(no_args_is_help=True, help="The service database.")
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Apply database migrations (NWC_DATABASE_URL; default: SQLite under NWC_DATA_DIR)."""
+    from api.core.config import get_settings
+    from api.db.migrate import upgrade
+
+    url = get_settings().db_url
+    upgrade(url, revision)
+    typer.echo(f"database at {revision}: {_redact(url)}")
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@app.command()
+def worker(
+    queues: str = typer.Option("gpu,cpu", help="comma-separated queues: gpu (jobs), cpu (webhooks, light tasks)"),
+    concurrency: int = typer.Option(1, help="jobs run at once (one per GPU is the rule)"),
+    hostname: str = typer.Option("nwc@%h", "--hostname", "-n", help="Celery node name (%h: host name)"),
+    device: str = typer.Option(None, help="cpu | cuda | auto (default: NWC_WORKER_DEVICE, auto = CUDA if present)"),
+    loglevel: str = typer.Option("info", help="log level"),
+    pool: str = typer.Option("prefork", help="Celery pool (prefork: jobs run in a child; the parent never "
+                             "initializes CUDA)"),
+) -> None:
+    """Start a worker: runs jobs from the queue (Celery; settings from NWC_* variables, docs/DEPLOY.md)."""
+    import os
+    import shutil
+
+    if device:
+        os.environ["NWC_WORKER_DEVICE"] = device
+    from api.core.config import get_settings
+
+    get_settings.cache_clear()
+    settings = get_settings()
+    # Detect a GPU without importing torch here (the parent must not initialize CUDA); jobs pick it via auto.
+    gpu = Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
+    typer.echo(f"nwc worker: queues {queues}, concurrency {concurrency}, device {settings.worker_device}"
+               f"{' (a GPU is present: jobs use CUDA)' if gpu and settings.worker_device == 'auto' else ''}",
+               err=True)
+    from worker.celery_app import app as celery_app
+
+    celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-n", hostname, "--pool", pool,
+                            "--loglevel", loglevel, "--without-gossip", "--without-mingle"])
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="port"),
+    worker_: bool = typer.Option(True, "--worker/--no-worker", help="also run a local worker (embedded mode)"),
+    grace: float = typer.Option(10.0, help="seconds the local worker gets to stop before it is killed"),
+) -> None:
+    """Embedded service: migrate the database, start a local worker, serve the API and dashboard.
+
+    Defaults need nothing installed: SQLite, a local object directory and kombu's filesystem broker under
+    NWC_DATA_DIR. A job interrupted by stopping `serve` resumes from its checkpoints after a restart."""
+    import os
+    import signal
+    import subprocess
+
+    from api.core.config import get_settings
+    from api.db.migrate import upgrade
+
+    settings = get_settings()
+    upgrade(settings.db_url)
+    proc = None
+    if worker_:
+        env = {**os.environ, "NWC_DATA_DIR": str(settings.data_dir)}
+        proc = subprocess.Popen([sys.executable, "-m", "codec.cli", "worker", "--queues", "gpu,cpu",
+                                 "--concurrency", "1", "--hostname", "nwc-local@%h"],
+                                env=env, start_new_session=True)
+    typer.echo(f"nwc serve: http://{host}:{port} (data in {settings.data_dir}"
+               f"{', local worker pid ' + str(proc.pid) if proc else ''})", err=True)
+
+    def _stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        import uvicorn
+
+        uvicorn.run("api.main:app", host=host, port=port)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proc is not None:
+            _stop_group(proc, grace)
+
+
+def _stop_group(proc, grace: float) -> None:
+    """SIGTERM the worker's process group (a warm shutdown), SIGKILL it after `grace` seconds. A job killed
+    here keeps its lease until it expires; the next worker's reaper then requeues it and it resumes."""
+    import os
+    import signal
+    import subprocess
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # children of the worker (prefork pool) left in the group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 if __name__ == "__main__":

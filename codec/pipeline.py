@@ -373,7 +373,7 @@ def decompress_model(bundle: Path, out: Path, device: str = "auto", progress: bo
             from codec.hf import strip_quantization_config  # lazy: imports transformers
 
             strip_quantization_config(tmp)  # dense weights: no longer an nwc bundle
-        (tmp / "README.md").write_text(model_card(header))
+            (tmp / "README.md").write_text(model_card(header))
         tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary model directory
         for f in tmp.iterdir():
             f.chmod(0o644)

@@ -20,7 +20,7 @@ def _tiny_gemma3(tok_dir: Path, out: Path) -> Path:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     cfg = Gemma3TextConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16,
+                           num_attention_heads=2, num_key_value_heads=2, head_dim=32, sliding_window=16,
                            layer_types=["sliding_attention", "sliding_attention", "full_attention",
                                         "sliding_attention"], max_position_embeddings=512)
     torch.manual_seed(0)

@@ -71,7 +71,9 @@ def test_odd_shapes_and_dtypes_round_trip(synthetic, tmp_path: Path) -> None:
 
     out = decompress_model(bundle, tmp_path / "dense", device="cpu", progress=False)
     assert out == tmp_path / "dense"
-    assert _listing(out) == ["config.json", "model.safetensors"]
+    assert _listing(out) == ["README.md", "config.json", "model.safetensors"]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "nwc" in card  # a Hub-style model card naming the source
     assert (out / "config.json").read_text() == (src / "config.json").read_text()
     dense = load_file(str(out / "model.safetensors"))
     assert set(dense) == set(original)
@@ -344,7 +346,9 @@ def test_decompress_into_existing_empty_dir(synthetic, tmp_path: Path) -> None:
     out = tmp_path / "dense"
     out.mkdir()
     decompress_model(bundle, out, device="cpu", progress=False)
-    assert _listing(out) == ["config.json", "model.safetensors"]
+    assert _listing(out) == ["README.md", "config.json", "model.safetensors"]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "nwc" in card  # a Hub-style model card naming the source
     assert _listing(tmp_path) == ["dense"]
 
 
@@ -360,4 +364,6 @@ def test_decompress_bare_container_file(synthetic, tmp_path: Path) -> None:
 def test_decompress_creates_missing_parent_dirs(synthetic, tmp_path: Path) -> None:
     _, bundle, _ = synthetic
     out = decompress_model(bundle, tmp_path / "a" / "b" / "dense", device="cpu", progress=False)
-    assert _listing(out) == ["config.json", "model.safetensors"]
+    assert _listing(out) == ["README.md", "config.json", "model.safetensors"]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "nwc" in card  # a Hub-style model card naming the source
