@@ -72,10 +72,15 @@ class Settings(BaseSettings):
     lease_heartbeat_seconds: float = Field(default=10.0, gt=0)
     # How often each worker's reaper looks for expired leases (also once at worker start).
     reaper_interval_seconds: float = Field(default=30.0, gt=0)
+    # A queued job not claimed for this long is sent to the broker again (a lost message; duplicates are harmless).
+    queued_resend_seconds: float = Field(default=900.0, gt=0)
     # A job that has been started this many times without finishing is failed by the reaper.
     job_max_attempts: int = Field(default=3, gt=0)
     # Local scratch space of the worker (downloaded models, compression output). None = data_dir/work.
     work_dir: Path | None = None
+    # Device for compression and verification: auto = CUDA when present, else cpu (decided in the job process,
+    # never in the worker's parent, which must not initialize CUDA).
+    worker_device: str = "auto"
     # Celery prefork children are replaced after this many tasks (frees GPU memory between jobs); 0 = never.
     worker_max_tasks_per_child: int = Field(default=0, ge=0)
     # Webhooks on terminal job states: POST attempts, first backoff (doubles each time), per-request timeout.
