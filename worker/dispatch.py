@@ -62,7 +62,8 @@ def cancel_job(job_id: str, *, settings: Settings | None = None, session: Sessio
         res = s.execute(
             update(Job)
             .where(Job.id == job_id, Job.state.not_in(list(TERMINAL_JOB_STATES)))
-            .values(state=JobState.CANCELLED, finished_at=now, updated_at=now, error="cancelled by request")
+            .values(state=JobState.CANCELLED, finished_at=now, updated_at=now, eta_at=None, lease_owner=None,
+                    lease_expires_at=None, error="cancelled by request")
             .execution_options(synchronize_session=False)
         )
         if res.rowcount != 1:
