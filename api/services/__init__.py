@@ -1,0 +1,1 @@
+"""Service logic behind the routes, one small module per concern; routes stay thin."""
