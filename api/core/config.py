@@ -90,6 +90,8 @@ class Settings(BaseSettings):
 
     # None = huggingface_hub's own default (which honours HF_ENDPOINT).
     hf_endpoint: str | None = None
+    # Whether an import request may name its own Hub endpoint (off: the server would fetch any URL a caller names).
+    hf_allow_request_endpoint: bool = False
 
     # Signs local-store presigned URLs and webhook bodies. None = a random key kept in
     # data_dir/secret.key, so API and worker processes on one machine agree across restarts.

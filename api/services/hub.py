@@ -1,0 +1,238 @@
+"""Import a model from the Hugging Face Hub (or a Hub-compatible endpoint) by id and revision.
+
+In the request (so a bad import is refused with a 4xx before anything is stored): resolve the
+revision to a commit and list the files (HfApi.model_info), refuse gated models without a token,
+pickle-only repos and repos without config.json, fetch config.json and refuse trust_remote_code,
+check sizes against the limits. Then a background task downloads the accepted files one at a
+time (hf_hub_download, pinned to the resolved commit, so at most one file sits on local disk),
+validates each like an upload, streams it into the object store and finally marks the model
+ready, or failed with the reason after deleting whatever it had stored.
+
+The caller's token is used for this import only and never written anywhere. Without one the
+server passes token=False, so its own Hugging Face credentials (HF_TOKEN, a saved login) are
+never used on a tenant's behalf.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.core.config import Settings
+from api.db.models import Model, ModelFile, ModelSource, ModelState
+from api.db.types import utcnow
+from api.errors import ApiError
+from api.logs import bound
+from api.schemas.models import HubImport
+from api.services import keys
+from api.services.models import check_directory, discard
+from api.services.usage import storage_used, tenant_limits
+from api.services.validation import (
+    PICKLE_SUFFIXES,
+    check_json_file,
+    check_safetensors,
+    is_safetensors,
+    max_bytes_for,
+    sanitize_path,
+)
+from api.storage import ObjectStore
+
+__all__ = ["ImportPlan", "plan_import", "run_import", "IMPORT_SUFFIXES"]
+
+log = logging.getLogger("nwc.api.hub")
+
+# What an import takes from a repo: weights, JSON configs, tokenizer files, chat templates.
+IMPORT_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".tiktoken")
+
+
+@dataclass
+class ImportPlan:
+    hub_id: str
+    commit: str
+    endpoint: str | None
+    token: str | bool = field(repr=False)
+    files: list[tuple[str, int | None]]  # (path, size)
+
+
+def _hub_error(e: Exception, hub_id: str, revision: str, has_token: bool) -> ApiError:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(e, GatedRepoError):
+        hint = "your token has not been granted access to it" if has_token else "pass `token` with a Hugging Face " \
+            "token that has been granted access"
+        return ApiError(403, "hub_gated", f"{hub_id} is a gated model on the Hub: {hint}")
+    if isinstance(e, RevisionNotFoundError):
+        return ApiError(404, "hub_revision_not_found", f"{hub_id} has no revision {revision!r} on the Hub")
+    if isinstance(e, RepositoryNotFoundError):
+        hint = "" if has_token else " (for a private model, pass `token`)"
+        return ApiError(404, "hub_model_not_found", f"{hub_id} was not found on the Hub{hint}")
+    if isinstance(e, HfHubHTTPError):
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403):
+            return ApiError(403, "hub_access_denied", f"the Hub refused access to {hub_id} (HTTP {status}); "
+                            "check the token")
+        return ApiError(502, "hub_error", f"the Hub answered HTTP {status} for {hub_id}")
+    return ApiError(503, "hub_unavailable", f"the Hub could not be reached: {type(e).__name__}: {e}")
+
+
+def plan_import(db: Session, store: ObjectStore, settings: Settings, tenant_id: str, body: HubImport,
+                tmp_root: Path) -> tuple[Model, ImportPlan]:
+    """Synchronous checks, then the model row (state pending, shown as `importing`)."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    if body.endpoint is not None and body.endpoint != settings.hf_endpoint and not settings.hf_allow_request_endpoint:
+        raise ApiError(422, "endpoint_not_allowed", "this deployment does not accept a Hub endpoint per request; "
+                       "leave `endpoint` out to use the configured one")
+    endpoint = (body.endpoint or settings.hf_endpoint or None)
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise ApiError(422, "endpoint_not_allowed", "the Hub endpoint must be an http(s) URL")
+    token: str | bool = body.token.get_secret_value() if body.token is not None else False
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        info = api.model_info(body.hub_id, revision=body.revision, files_metadata=True, token=token)
+    except Exception as e:
+        raise _hub_error(e, body.hub_id, body.revision, bool(token)) from None
+    if info.gated and not token:
+        raise ApiError(403, "hub_gated", f"{body.hub_id} is a gated model on the Hub: pass `token` with a Hugging "
+                       "Face token that has been granted access")
+    commit = info.sha or body.revision
+    siblings = [(s.rfilename, s.size) for s in (info.siblings or [])]
+    files: list[tuple[str, int | None]] = []
+    for name, size in siblings:
+        if not name.lower().endswith(IMPORT_SUFFIXES) or name.rsplit("/", 1)[-1].startswith("."):
+            continue
+        try:
+            files.append((sanitize_path(name), size))
+        except ApiError:
+            continue  # names we would refuse on upload are skipped, not imported
+    names = {p for p, _ in files}
+    if not any(is_safetensors(p) for p in names):
+        pickles = sorted(n for n, _ in siblings if Path(n).suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise ApiError(422, "pickle_refused", f"{body.hub_id} has only pickle weights ({', '.join(pickles[:5])}); "
+                           "pickle files can run arbitrary code when loaded and are refused: use a safetensors "
+                           "revision of the model")
+        raise ApiError(422, "missing_weights", f"{body.hub_id} has no .safetensors weight files")
+    if "config.json" not in names:
+        raise ApiError(422, "missing_config", f"{body.hub_id} has no config.json at its top level")
+    # config.json now: it is small, it settles trust_remote_code, and it proves the token can read files.
+    tmp = Path(tempfile.mkdtemp(prefix="cfg-", dir=tmp_root))
+    try:
+        try:
+            cfg_path = hf_hub_download(body.hub_id, "config.json", revision=commit, local_dir=tmp, endpoint=endpoint,
+                                       token=token)
+        except Exception as e:
+            raise _hub_error(e, body.hub_id, body.revision, bool(token)) from None
+        check_json_file("config.json", Path(cfg_path).read_bytes()[: 16 << 20])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for path, size in files:
+        if size is not None and size > max_bytes_for(path, settings.upload_max_bytes):
+            raise ApiError(413, "upload_too_large", f"{body.hub_id}: {path} is {size} bytes, over the limit of "
+                           f"{max_bytes_for(path, settings.upload_max_bytes)}")
+    total = sum(s or 0 for _, s in files)
+    remaining = tenant_limits(db, settings, tenant_id).max_storage_bytes - storage_used(db, store, tenant_id)
+    if total > remaining:
+        raise ApiError(413, "storage_quota_exceeded", f"{body.hub_id} needs {total} bytes; the tenant's storage "
+                       f"quota leaves {max(remaining, 0)}", {"needed": total, "available": max(remaining, 0)})
+    m = Model(tenant_id=tenant_id, name=body.name or body.hub_id, source=ModelSource.HUB, hub_id=body.hub_id,
+              hub_revision=commit, state=ModelState.PENDING)
+    db.add(m)
+    db.commit()
+    return m, ImportPlan(body.hub_id, commit, endpoint, token, files)
+
+
+def run_import(
+    session_factory: sessionmaker[Session], store: ObjectStore, settings: Settings, tenant_id: str, model_id: str,
+    plan: ImportPlan, tmp_root: Path,
+) -> None:
+    """The background part: download, validate, store, one file at a time; ready or failed at the end."""
+    from huggingface_hub import hf_hub_download
+
+    stored: list[str] = []
+    tmp = Path(tempfile.mkdtemp(prefix="import-", dir=tmp_root))
+    with bound(tenant_id=tenant_id, model_id=model_id):
+        log.info("hub import started", extra={"hub_id": plan.hub_id, "commit": plan.commit, "files": len(plan.files)})
+        try:
+            for path, _size in plan.files:
+                local = Path(hf_hub_download(plan.hub_id, path, revision=plan.commit, local_dir=tmp,
+                                             endpoint=plan.endpoint, token=plan.token))
+                size = local.stat().st_size
+                limit = max_bytes_for(path, settings.upload_max_bytes)
+                if size > limit:
+                    raise ApiError(413, "upload_too_large", f"{path} is {size} bytes, over the limit of {limit}")
+                if is_safetensors(path):
+                    with local.open("rb") as f:
+                        check_safetensors(path, f.read, size)
+                elif path.endswith(".json") and size <= 16 << 20:
+                    check_json_file(path, local.read_bytes())
+                key = keys.model_file_key(tenant_id, model_id, f"hub/{path}")
+                stored.append(key)
+                with local.open("rb") as f:
+                    result = store.put_stream(key, f, max_bytes=limit)
+                local.unlink()
+                with session_factory() as db:
+                    m = db.get(Model, model_id)
+                    if m is None:
+                        raise _Gone()
+                    db.add(ModelFile(model_id=model_id, path=path, key=key, size=result.size, sha256=result.sha256))
+                    m.total_bytes += result.size
+                    db.commit()
+            with session_factory() as db:
+                m = db.get(Model, model_id)
+                if m is None:
+                    raise _Gone()
+                check_directory({f.path: f for f in m.files}, lambda row: _read(store, row.key))
+                m.state = ModelState.READY
+                m.updated_at = utcnow()
+                db.commit()
+            log.info("hub import finished", extra={"hub_id": plan.hub_id})
+        except _Gone:
+            log.info("model deleted during its import; removing what was stored")
+            _cleanup(store, tenant_id, model_id, stored)
+        except Exception as e:
+            message = e.message if isinstance(e, ApiError) else f"{type(e).__name__}: {e}"
+            log.warning("hub import failed: %s", message)
+            _cleanup(store, tenant_id, model_id, stored)
+            with session_factory() as db:
+                m = db.get(Model, model_id)
+                if m is not None:
+                    for f in list(m.files):
+                        db.delete(f)
+                    m.state = ModelState.FAILED
+                    m.total_bytes = 0
+                    m.error = f"import of {plan.hub_id}@{plan.commit} failed: {message}"
+                    db.commit()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Gone(Exception):
+    pass
+
+
+def _read(store: ObjectStore, key: str) -> bytes:
+    f = store.open(key)
+    try:
+        return f.read(64 << 20)
+    finally:
+        f.close()
+
+
+def _cleanup(store: ObjectStore, tenant_id: str, model_id: str, stored: list[str]) -> None:
+    for key in stored:
+        discard(store, key)
+    try:
+        store.delete_prefix(keys.model_files_prefix(tenant_id, model_id))
+    except Exception:
+        log.exception("could not delete the objects of model %s", model_id)
