@@ -1,0 +1,246 @@
+"""Compression jobs, their progress, events and artifacts; calibration texts."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "Method",
+    "Output",
+    "JobStateName",
+    "JobCreate",
+    "JobOut",
+    "JobDetail",
+    "StageOut",
+    "EventOut",
+    "ArtifactOut",
+    "CalibrationOut",
+    "METHOD_BITS",
+]
+
+Method = Literal["nwc", "gptq", "rtn"]
+Output = Literal["bundle", "dense", "report", "plots"]
+JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# Accepted target bits per method (the codec's own bounds; nwc checks reachability for the model at run time).
+METHOD_BITS: dict[str, tuple[float, float]] = {"nwc": (1.0, 8.0), "gptq": (2.0, 8.99), "rtn": (2.0, 8.99)}
+_CAL_RE = re.compile(r"^cal_[0-9a-f]{32}$")
+
+_JOB_EXAMPLE: dict[str, Any] = {
+    "id": "job_8d0e6f4a2b1c4d3e9f8a7b6c5d4e3f2a",
+    "model_id": "mdl_0c4f8e2a9b1d4e7f8a6b5c4d3e2f1a0b",
+    "method": "nwc",
+    "target_bits": 4.0,
+    "calibration": "wiki",
+    "outputs": ["bundle", "dense", "report"],
+    "webhook_url": "https://ci.example.com/hooks/nwc",
+    "idempotency_key": "release-2026-11-23-smollm2-4bit",
+    "state": "running",
+    "stage": "compress",
+    "progress": 0.42,
+    "eta_at": "2026-11-23T10:31:10Z",
+    "eta_seconds": 312.5,
+    "attempts": 1,
+    "error": None,
+    "created_at": "2026-11-23T10:16:00Z",
+    "updated_at": "2026-11-23T10:25:47Z",
+    "started_at": "2026-11-23T10:16:02Z",
+    "finished_at": None,
+}
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"model_id": "mdl_0c4f8e2a9b1d4e7f8a6b5c4d3e2f1a0b", "method": "nwc", "target_bits": 4.0,
+                 "calibration": "wiki", "outputs": ["bundle", "dense", "report"],
+                 "webhook_url": "https://ci.example.com/hooks/nwc"},
+                {"model_id": "mdl_0c4f8e2a9b1d4e7f8a6b5c4d3e2f1a0b", "method": "gptq", "target_bits": 4,
+                 "calibration": "cal_5e4d3c2b1a0f9e8d7c6b5a4f3e2d1c0b"},
+            ]
+        },
+    )
+
+    model_id: str = Field(min_length=1, max_length=40)
+    method: Method = Field(default="nwc", description="nwc (learned codec), gptq or rtn (fixed-length baselines).")
+    target_bits: float = Field(
+        description="Average bits per weight over the whole file. nwc: 1–8; gptq and rtn: 2 ≤ bits < 9."
+    )
+    calibration: str | None = Field(
+        default=None,
+        description="`wiki` (built-in text), `none` (model-free; nwc only) or the id of an uploaded calibration "
+        "text (`cal_…`). Default: `none` for nwc, `wiki` for gptq and rtn.",
+    )
+    outputs: list[Output] = Field(
+        default_factory=lambda: ["bundle", "dense", "report"],
+        min_length=1,
+        description="bundle (compressed container), dense (decoded safetensors model), report (report.json), "
+        "plots (accepted; produces nothing yet).",
+    )
+    webhook_url: str | None = Field(
+        default=None, max_length=2048, description="http(s) URL that receives a POST when the job ends."
+    )
+
+    @field_validator("outputs")
+    @classmethod
+    def _unique_outputs(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("outputs must not repeat")
+        return v
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if any(c.isspace() or ord(c) < 32 for c in v):
+            raise ValueError("webhook_url must not contain whitespace or control characters")
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("webhook_url must be an http or https URL")
+        if not parts.hostname:
+            raise ValueError("webhook_url needs a host")
+        if parts.username or parts.password:
+            raise ValueError("webhook_url must not carry credentials")
+        return v
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration(cls, v: str | None) -> str | None:
+        if v is None or v in ("wiki", "none") or _CAL_RE.match(v):
+            return v
+        raise ValueError("calibration must be 'wiki', 'none' or an uploaded calibration text id (cal_…)")
+
+    @model_validator(mode="after")
+    def _method_bits(self) -> JobCreate:
+        lo, hi = METHOD_BITS[self.method]
+        if not lo <= self.target_bits <= hi:
+            raise ValueError(f"target_bits for {self.method} must be in {lo:g}..{hi:g}, got {self.target_bits:g}")
+        if self.calibration is None:
+            self.calibration = "none" if self.method == "nwc" else "wiki"
+        if self.method != "nwc" and self.calibration == "none":
+            raise ValueError(f"method {self.method} needs calibration text: use 'wiki' or an uploaded text")
+        return self
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [_JOB_EXAMPLE]})
+
+    id: str
+    model_id: str
+    method: str
+    target_bits: float
+    calibration: str
+    outputs: list[str]
+    webhook_url: str | None = None
+    idempotency_key: str | None = None
+    state: JobStateName
+    stage: str | None = None
+    progress: float = Field(description="Overall progress, 0..1.")
+    eta_at: datetime | None = Field(default=None, description="Estimated end (absolute, UTC).")
+    eta_seconds: float | None = Field(default=None, description="Seconds from now to eta_at.")
+    attempts: int
+    error: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class StageOut(BaseModel):
+    name: str
+    state: Literal["running", "done", "stopped"]
+    started_at: datetime
+    finished_at: datetime | None = None
+    duration_s: float | None = Field(default=None, description="Seconds spent so far (running) or in total.")
+    progress: float | None = Field(default=None, description="Progress within the stage, 0..1, when reported.")
+    eta_seconds: float | None = Field(default=None, description="Running stage: linear estimate of the time left.")
+
+
+class EventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    stage: str | None = None
+    kind: str
+    message: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class JobDetail(JobOut):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **_JOB_EXAMPLE,
+                    "stages": [
+                        {"name": "download", "state": "done", "started_at": "2026-11-23T10:16:02Z",
+                         "finished_at": "2026-11-23T10:16:40Z", "duration_s": 38.0, "progress": 1.0,
+                         "eta_seconds": None},
+                        {"name": "compress", "state": "running", "started_at": "2026-11-23T10:16:40Z",
+                         "finished_at": None, "duration_s": 547.0, "progress": 0.42, "eta_seconds": 755.3},
+                    ],
+                    "metrics": {"fetch": {"files": 6, "bytes": 541883320}},
+                    "artifact_count": 0,
+                }
+            ]
+        }
+    )
+
+    stages: list[StageOut]
+    metrics: dict[str, Any] = Field(
+        description="Metrics reported so far: the data of each finished stage's event under the stage's name "
+        "(e.g. compress.measured_bits), plus the fields of any `metrics` events."
+    )
+    artifact_count: int
+
+
+class ArtifactOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "art_1f2e3d4c5b6a79880f1e2d3c4b5a6978",
+                    "kind": "bundle",
+                    "name": "model.nwc",
+                    "size": 81234567,
+                    "sha256": "9f2c…",
+                    "created_at": "2026-11-23T10:31:02Z",
+                    "url": "https://s3.example.com/nwc/tenants/…?X-Amz-Signature=…",
+                    "url_expires_at": "2026-11-23T10:46:02Z",
+                }
+            ]
+        }
+    )
+
+    id: str
+    kind: Literal["bundle", "dense", "report", "plot"]
+    name: str
+    size: int
+    sha256: str
+    created_at: datetime
+    url: str = Field(description="Short-lived presigned download URL (no API key needed).")
+    url_expires_at: datetime
+
+
+class CalibrationOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"id": "cal_5e4d3c2b1a0f9e8d7c6b5a4f3e2d1c0b", "name": "support-tickets.jsonl", "size": 5242880,
+                 "sha256": "0b1c…"}
+            ]
+        }
+    )
+
+    id: str
+    name: str
+    size: int
+    sha256: str | None = None
