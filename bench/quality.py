@@ -90,7 +90,9 @@ def render(points: list[Point], args: argparse.Namespace, seconds: float, protoc
         "",
         f"Command: `OMP_NUM_THREADS=1 python -m bench.quality {' '.join(sys.argv[1:])}` — "
         f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}, CPU only; wall time {seconds / 60:.0f} min.",
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, CPU only; "
+        + ("table assembled from the saved points (`--render-only`)." if args.render_only
+           else f"wall time {seconds / 60:.0f} min."),
         "",
         f"Protocol: {protocol}. Calibration: built-in Wikipedia calibration split (first 80 % of articles), "
         f"{args.calib_seqs} sequences × {args.calib_len} tokens, seed 0. `nwc-free` = NWC without calibration "
@@ -150,16 +152,18 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--jobs", type=int, default=1, help="points run at once (each is a few processes)")
     ap.add_argument("--resume", action="store_true", help="keep finished points of runs/quality/points.json")
+    ap.add_argument("--render-only", action="store_true", help="only redraw docs from runs/quality/points.json")
     args = ap.parse_args()
     t0 = time.time()
     text = eval_text()
     RUNS.mkdir(parents=True, exist_ok=True)
     saved = RUNS / "points.json"
     calib = {"calib_seqs": args.calib_seqs, "calib_len": args.calib_len, "eval_tokens": args.eval_tokens}
-    old = json.loads(saved.read_text()) if args.resume and saved.exists() else {"calib": calib, "points": []}
+    keep = (args.resume or args.render_only) and saved.exists()
+    old = json.loads(saved.read_text()) if keep else {"calib": calib, "points": []}
     points = [Point(**p) for p in old["points"]] if old.get("calib") == calib else []
     have = {(p.method, p.target) for p in points}
-    todo = [(m, t) for t in args.targets for m in args.methods if (m, float(t)) not in have]
+    todo = [] if args.render_only else [(m, t) for t in args.targets for m in args.methods if (m, float(t)) not in have]
     lock = threading.Lock()
 
     def one(mt: tuple[str, float]) -> None:

@@ -67,6 +67,7 @@ from codec.pipeline import (
     CompressReport,
     TensorReport,
     copy_aux_files,
+    keep_embeddings,
     nmse,
     nwc_segments,
     peak_rss_mb,
@@ -114,6 +115,7 @@ class CalibOptions:
     # nwc: rate across layers by measured sensitivity ("kl" | "relative" | "absolute", "none": one shared level),
     # offsets scaled by `allocation_strength` (codec.allocation; measured in docs/CALIBRATION.md)
     allocation: str = "none"
+    code_embeddings: bool = True  # False: embeddings and lm_head stored losslessly (paid for by the linears)
     allocation_strength: float = 1.0
 
     def __post_init__(self) -> None:
@@ -438,7 +440,8 @@ class CalibratedCompressor:
         self.order = encode_order(self.source, self.n_layers)
         self.controller: RateController | None = None
         if self.tc is not None:
-            plans = {p.name: p for p in plan_model(self.source, self.tc, None, seed, progress, bits, on_progress)}
+            include = None if calib.code_embeddings else keep_embeddings
+            plans = {p.name: p for p in plan_model(self.source, self.tc, include, seed, progress, bits, on_progress)}
             self.controller = RateController(rate_items([plans[n] for n in self.order]), bits,
                                              self.source.total_params, self.tc.n_levels, HEADER_ESTIMATE, FOOTER_SIZE)
             self.controller.check(self.tc.codec.info.id)
@@ -519,7 +522,9 @@ class CalibratedCompressor:
         self._staged_bytes = self._staged_table = 0
 
     def model_free(self, name: str, w: torch.Tensor) -> torch.Tensor | None:
-        """Embedding / lm_head: no Hessian. NWC codes it model-free, GPTQ/RTN round it."""
+        """Embedding / lm_head: no Hessian. NWC codes it model-free, GPTQ/RTN round it; lossless on request."""
+        if not self.calib.code_embeddings:
+            return self.raw(name, w)
         def fn(level):
             if self.method == "nwc":
                 prep = self.tc.prepare(w)

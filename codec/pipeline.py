@@ -306,6 +306,15 @@ class BundleDecoder:
         raise ValueError(f"tensor {rec.name!r}: unknown method {rec.method!r}")
 
 
+# Token embedding and output head of causal LMs: coded model-free by default, kept lossless on request.
+EMBEDDING_NAMES = frozenset({"model.embed_tokens.weight", "lm_head.weight"})
+
+
+def keep_embeddings(name: str) -> bool:
+    """`include` predicate for compress_model/plan_model: everything but the embeddings is coded."""
+    return name not in EMBEDDING_NAMES
+
+
 def model_card(header: ContainerHeader) -> str:
     """README.md of a dense output: Hub-style front matter naming the base model, and how it was made."""
     a = header.attrs

@@ -304,6 +304,25 @@ def test_progress_and_checkpoint_hooks(small_llama: Path, tmp_path: Path):
     assert "allocate" not in {e.stage for e in events}  # the allocation came from the checkpoint
 
 
+def test_embeddings_can_stay_lossless(small_llama: Path, tmp_path: Path):
+    """code_embeddings=False: the (tied) embedding is stored raw and the linears pay for it within the target.
+    This cut of SmolLM2 is 73 % fp32 embedding, so only ≈ 23.3–25 bits/weight are reachable; 4 is refused."""
+    from codec.container import ContainerReader
+    from codec.ratecontrol import RateTargetError
+    from codec.source import open_source
+
+    opts = CalibOptions(n_seq=4, seq_len=64, code_embeddings=False)
+    with pytest.raises(RateTargetError, match="outside what codec"):
+        compress_calibrated(small_llama, tmp_path / "a", 4.0, "nwc", opts, device="cpu", progress=False)
+    rep = compress_calibrated(small_llama, tmp_path / "b", 24.0, "nwc", opts, device="cpu", progress=False)
+    assert abs(rep.measured_bits - 24.0) <= 0.05
+    with ContainerReader(tmp_path / "b" / "model.nwc") as r:
+        emb = r.read("model.embed_tokens.weight")
+    src = open_source(small_llama)
+    want = dict(src.load(src.shards[0], ["model.embed_tokens.weight"]))["model.embed_tokens.weight"]
+    assert emb.method == "raw" and bytes(emb.segments["data"]) == want.contiguous().numpy().tobytes()
+
+
 def test_finetune_options_are_checked():
     from codec.calibrated import CalibratedError
 
