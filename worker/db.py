@@ -21,6 +21,15 @@ _lock = threading.Lock()
 _engines: dict[tuple[int, str], tuple[Engine, sessionmaker[Session]]] = {}
 
 
+def _after_fork_in_child() -> None:
+    # A fork while another thread (the reaper) held the lock would leave it locked forever in the child.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _get(url: str) -> tuple[Engine, sessionmaker[Session]]:
     key = (os.getpid(), url)
     with _lock:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from api.core.config import Settings, get_settings
@@ -46,6 +46,7 @@ def enqueue_job(job_id: str, *, settings: Settings | None = None) -> None:
 
 def cancel_job(job_id: str, *, settings: Settings | None = None, session: Session | None = None) -> bool:
     """Mark the job cancelled (a terminal state) unless it already finished; True if this call cancelled it.
+    Also queues the job's webhook when the job is cancelled (whether by this call or by the caller just before).
 
     A queued job never starts (its task finds it cancelled); a running job's worker sees the state at its next
     progress callback or stage boundary (within seconds), stops, discards its scratch space and releases the
@@ -66,11 +67,14 @@ def cancel_job(job_id: str, *, settings: Settings | None = None, session: Sessio
                     lease_expires_at=None, error="cancelled by request")
             .execution_options(synchronize_session=False)
         )
-        if res.rowcount != 1:
-            return False, False
-        s.add(JobEvent(job_id=job_id, stage=None, kind="state", message="cancelled", data={"state": "cancelled"}))
-        hook = s.get(Job, job_id)
-        return True, bool(hook is not None and hook.webhook_url)
+        changed = res.rowcount == 1
+        if changed:
+            s.add(JobEvent(job_id=job_id, stage=None, kind="state", message="cancelled",
+                           data={"state": "cancelled"}))
+        row = s.execute(select(Job.state, Job.webhook_url).where(Job.id == job_id)).one_or_none()
+        # The API may have set the state itself before calling here: the webhook is still due (the webhook task
+        # skips a delivery that already succeeded, so asking twice is harmless).
+        return changed, row is not None and row[0] == JobState.CANCELLED and bool(row[1])
 
     if session is not None:
         changed, has_hook = _cancel(session)
@@ -80,7 +84,7 @@ def cancel_job(job_id: str, *, settings: Settings | None = None, session: Sessio
 
         with session_scope(session_factory(settings)) as s:
             changed, has_hook = _cancel(s)
-    if changed and has_hook:
+    if has_hook:
         get_celery(settings).send_task(SEND_WEBHOOK, args=[job_id], queue=CPU_QUEUE, routing_key=CPU_QUEUE,
                                        countdown=1 if session is not None else None)
     return changed

@@ -426,7 +426,9 @@ def _verify_fresh_process(ctx: _Ctx, bundle: Path, original: Path, dense: Path, 
     result = ctx.root / "verify.json"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "codec.verify", str(bundle), "--json", str(result), "--eval-tokens",
-           str(eval_tokens), "--device", ctx.device, "--original", str(original), "--dense", str(dense)]
+           str(eval_tokens), "--device", ctx.device, "--original", str(original)]
+    if "dense" in ctx.opts.outputs:
+        cmd += ["--dense", str(dense)]
     log_file = ctx.root / "verify.log"
     t0 = time.monotonic()
     with open(log_file, "wb") as out:
@@ -533,8 +535,21 @@ def run_job(job_id: str, settings: Settings | None = None, *, enqueue: Callable[
         except BaseException as e:  # noqa: BLE001 - every failure is recorded before the task ends
             return _fail_or_retry(settings, lease, job_id, tenant_id, root, e, enqueue)
     shutil.rmtree(root, ignore_errors=True)
+    _tidy_after_success(settings, tenant_id, job_id, ctx.opts if ctx else None)
     _notify(settings, job_id)
     return "succeeded"
+
+
+def _tidy_after_success(settings: Settings, tenant_id: str, job_id: str, opts: JobOptions | None) -> None:
+    """Drop what no artifact refers to: the work area, and the bundle files if the bundle was not asked for."""
+    try:
+        store = make_store(settings)
+        prefix = job_prefix(tenant_id, job_id)
+        store.delete_prefix(prefix + "work/")
+        if opts is not None and "bundle" not in opts.outputs:
+            store.delete_prefix(prefix + "bundle/")
+    except Exception:
+        log.exception("could not tidy the stored work of job %s", job_id)
 
 
 def _run_stages(ctx: _Ctx) -> None:

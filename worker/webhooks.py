@@ -180,9 +180,14 @@ def send_job_webhook(job_id: str, settings: Any = None, *, wait_terminal_s: floa
             log.warning("webhook for %s skipped: job is not in a terminal state", job_id)
             return None
         time.sleep(0.5)
+    delivery_id = f"{job_id}.{payload['type']}"
+    with sf() as s:
+        for ev in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "webhook")):
+            if ev.data.get("ok") and ev.data.get("delivery_id") == delivery_id:
+                return None  # delivered already (a repeated request or a redelivered task)
     result = deliver(url, payload, settings.secret_bytes(), attempts=settings.webhook_attempts,
                      backoff_s=settings.webhook_backoff_seconds, timeout_s=settings.webhook_timeout_seconds,
-                     delivery_id=f"{job_id}.{payload['type']}")
+                     delivery_id=delivery_id)
     with session_scope(sf) as s:
         s.add(JobEvent(job_id=job_id, stage=None, kind="webhook",
                        message="delivered" if result.ok else f"delivery failed: {result.error}",
