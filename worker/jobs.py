@@ -182,7 +182,8 @@ class _Ctx:
         gained = self.progress - self.started_progress
         if gained >= 0.02:
             elapsed = time.monotonic() - self.t0
-            eta = now() + timedelta(seconds=elapsed * (1.0 - self.progress) / gained)
+            # never in the past: a stage whose progress is estimated (verify) may run longer than its share
+            eta = now() + timedelta(seconds=max(1.0, elapsed * (1.0 - self.progress) / gained))
         self.lease.set_progress(stage=self.stage, progress=round(self.progress, 4), eta_at=eta)
 
     def check(self) -> None:

@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     job_time_limit: int = Field(default=6 * 3600 + 300, gt=0)
     # A running job's lease: renewed every lease_heartbeat_seconds; expired = the worker is gone.
     lease_seconds: float = Field(default=120.0, gt=0)
-    lease_heartbeat_seconds: float = Field(default=10.0, gt=0)
+    lease_heartbeat_seconds: float = Field(default=5.0, gt=0)
     # How often each worker's reaper looks for expired leases (also once at worker start).
     reaper_interval_seconds: float = Field(default=30.0, gt=0)
     # A queued job not claimed for this long is sent to the broker again (a lost message; duplicates are harmless).
