@@ -655,3 +655,14 @@ def test_serve_migrates_runs_a_worker_and_stops_it(tmp_path: Path) -> None:
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):
         os.killpg(worker_pid, 0)
+
+
+def test_claim_fails_an_abandoned_job_past_its_attempts(sqlite_dep: Deployment) -> None:
+    dep = sqlite_dep
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    lost = _job(dep, state=JobState.RUNNING, lease_owner="dead", lease_expires_at=past, attempts=3)
+    assert claim_job(dep.sf, lost, "a", 60, 3) == "failed: too many attempts"
+    assert get_job(dep, lost).state == JobState.FAILED
+    requeued = _job(dep, state=JobState.QUEUED, attempts=3)  # queued on purpose (an API retry): it runs
+    c = claim_job(dep.sf, requeued, "a", 60, 3)
+    assert not isinstance(c, str) and c.attempt == 4

@@ -68,7 +68,9 @@ def claim_job(sf: sessionmaker[Session], job_id: str, owner: str, lease_s: float
         if job.state == JobState.RUNNING and job.lease_expires_at is not None and job.lease_expires_at > t:
             return f"job is leased to {job.lease_owner} until {job.lease_expires_at.isoformat()}"
         cond = [Job.id == job_id, Job.state == job.state, Job.attempts == job.attempts]
-        if job.attempts >= max_attempts:
+        # Only an abandoned run counts against the limit here; a queued job was put there on purpose (the reaper
+        # and the retry path check the limit before requeueing; the API's retry starts a fresh count).
+        if job.state == JobState.RUNNING and job.attempts >= max_attempts:
             res = s.execute(update(Job).where(*cond).values(
                 state=JobState.FAILED, lease_owner=None, lease_expires_at=None, finished_at=t, updated_at=t,
                 error=f"gave up after {job.attempts} attempts").execution_options(synchronize_session=False))
