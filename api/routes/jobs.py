@@ -69,8 +69,10 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobDetail, responses=error_responses(401, 404),
             summary="A job: state, stage, per-stage progress and ETA, metrics so far")
-def get_job(job_id: str, principal: PrincipalDep, db: DbDep) -> JobDetail:
-    return svc.job_detail(db, svc.get_job(db, principal.tenant_id, job_id))
+def get_job(job_id: str, principal: PrincipalDep, db: DbDep) -> Response:
+    # The hot path of status polling: serialized once here, not validated again against the response model.
+    detail = svc.job_detail(db, svc.get_job(db, principal.tenant_id, job_id))
+    return Response(detail.model_dump_json(), media_type="application/json")
 
 
 @router.get("/{job_id}/events", response_model=list[EventOut], responses=error_responses(401, 404),
