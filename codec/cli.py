@@ -303,6 +303,18 @@ def worker(
 
     get_settings.cache_clear()
     settings = get_settings()
+    from api.db.session import sqlite_path
+
+    if sqlite_path(settings.db_url) is not None:  # embedded: bring the SQLite file to the schema (idempotent)
+        import time
+
+        from api.db.migrate import upgrade
+
+        try:
+            upgrade(settings.db_url)
+        except Exception:  # another process migrating at the same moment: its result is as good
+            time.sleep(1.0)
+            upgrade(settings.db_url)
     # Detect a GPU without importing torch here (the parent must not initialize CUDA); jobs pick it via auto.
     gpu = Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
     typer.echo(f"nwc worker: queues {queues}, concurrency {concurrency}, device {settings.worker_device}"
