@@ -97,8 +97,8 @@ class Deployment:
         return proc
 
     def stop_workers(self) -> None:
-        for p in self.workers:
-            kill_group(p, signal.SIGTERM if p.poll() is None else signal.SIGKILL)
+        for p in self.workers:  # SIGKILL: graceful stops are `nwc serve`'s business (tested there)
+            kill_group(p, signal.SIGKILL)
         self.workers.clear()
 
     def logs(self) -> str:
