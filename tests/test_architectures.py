@@ -6,12 +6,12 @@ claim: docs/BENCHMARKS.md has the real Gemma-3-270m run)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from real_models import cut_smollm2
 
 from codec.calibrated import CalibOptions, CalibratedCompressor, _load, _materialize, compress_calibrated
 
@@ -44,19 +44,7 @@ def tiny_gemma3(smollm2_dir: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def small_llama3(smollm2_dir: Path, tmp_path_factory) -> Path:
     """SmolLM2 cut to 2 real blocks."""
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path_factory.mktemp("llama2blocks")
-    keep = {k: v for k, v in load_file(str(smollm2_dir / "model.safetensors")).items()
-            if not k.startswith("model.layers.") or int(k.split(".")[2]) < 2}
-    save_file(keep, str(out / "model.safetensors"), metadata={"format": "pt"})
-    for f in smollm2_dir.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
-            shutil.copy2(f, out / f.name)
-    cfg = json.loads((smollm2_dir / "config.json").read_text())
-    cfg["num_hidden_layers"] = 2
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
+    return cut_smollm2(smollm2_dir, tmp_path_factory.mktemp("llama2blocks"), 2)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

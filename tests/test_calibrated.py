@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from real_models import cut_smollm2
 
 from codec.calibrated import CalibOptions, LayerCoder, compress_calibrated, encode_order
 from codec.hessian import proxy_error
@@ -118,22 +119,8 @@ def test_calibrated_cli_end_to_end_4bpw(smollm2_dir: Path, tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def small_llama(smollm2_dir: Path, tmp_path_factory) -> Path:
-    """SmolLM2 cut to its first 3 decoder blocks: real weights, real tokenizer, seconds to compress."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path_factory.mktemp("small-llama")
-    keep = {k: v for k, v in load_file(str(smollm2_dir / "model.safetensors")).items()
-            if not k.startswith("model.layers.") or int(k.split(".")[2]) < 3}
-    save_file(keep, str(out / "model.safetensors"), metadata={"format": "pt"})
-    for f in smollm2_dir.iterdir():
-        if f.suffix != ".safetensors" and f.name != "config.json" and f.is_file():
-            shutil.copy2(f, out / f.name)
-    cfg = json.loads((smollm2_dir / "config.json").read_text())
-    cfg["num_hidden_layers"] = 3
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
+    """SmolLM2 cut to its first 3 decoder blocks."""
+    return cut_smollm2(smollm2_dir, tmp_path_factory.mktemp("small-llama"), 3)
 
 
 CRASH_RUN = """

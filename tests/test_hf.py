@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from real_models import cut_smollm2
+from safetensors.torch import load_file
 
 import codec.hf as hf
 from codec import assets
@@ -82,19 +83,7 @@ def run_load(bundle: Path, tmp: Path, with_import: bool = True, dense: Path | No
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> Path:
-    src = assets.smollm2_dir()
-    out = tmp_path_factory.mktemp("smollm2-small")
-    sd = load_file(src / "model.safetensors")
-    keep = {k: v for k, v in sd.items()
-            if not k.startswith("model.layers.") or int(k.split(".")[2]) < KEEP_LAYERS}
-    save_file(keep, out / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["num_hidden_layers"] = KEEP_LAYERS
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    for f in src.iterdir():
-        if f.is_file() and f.name not in ("model.safetensors", "config.json"):
-            shutil.copy2(f, out / f.name)
-    return out
+    return cut_smollm2(assets.smollm2_dir(), tmp_path_factory.mktemp("smollm2-small"), KEEP_LAYERS)
 
 
 @pytest.fixture(scope="module")
