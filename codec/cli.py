@@ -99,6 +99,8 @@ def compress(
     allocation: str = typer.Option("none", help="nwc with --calib: rate across layers by measured sensitivity "
                                    "(kl: effect on next-token KL | relative | absolute block-output error) or none"),
     allocation_strength: float = typer.Option(1.0, help="scale of the cross-layer level offsets (0: none)"),
+    raw_embeddings: bool = typer.Option(False, "--raw-embeddings",
+                                        help="keep the token embedding and lm_head lossless (not coded)"),
     verify: bool = typer.Option(True, help="decode, load, generate and evaluate the result in a fresh process"),
     dense: Path = typer.Option(None, help="decoded dense model directory (default: OUT-dense beside the bundle)"),
     keep_dense: bool = typer.Option(True, "--dense-output/--no-dense-output",
@@ -110,7 +112,7 @@ def compress(
     from codec.calibrated import CalibOptions, CalibratedError, compress_calibrated
     from codec.calibration import CalibrationError
     from codec.container import ContainerError
-    from codec.pipeline import compress_model
+    from codec.pipeline import compress_model, keep_embeddings
     from codec.ratecontrol import RateTargetError
     from codec.source import SourceError
 
@@ -122,11 +124,12 @@ def compress(
         if calib is None and method != "nwc":
             raise CalibratedError(f"--method {method} needs calibration data: add --calib wiki (or a text file)")
         if calib is None:
-            r = compress_model(src, out, bits, codec_id=codec_id, device=device, progress=not quiet, seed=seed)
+            r = compress_model(src, out, bits, codec_id=codec_id, device=device, progress=not quiet, seed=seed,
+                               include=keep_embeddings if raw_embeddings else None)
         else:
             opts = CalibOptions(calib, calib_seqs, calib_len, seed, act_order=act_order,
                                 finetune_epochs=finetune_epochs, allocation=allocation,
-                                allocation_strength=allocation_strength)
+                                allocation_strength=allocation_strength, code_embeddings=not raw_embeddings)
             r = compress_calibrated(src, out, bits, method, opts, codec_id, device, not quiet, seed)
     except (SourceError, RateTargetError, ContainerError, LookupError, CalibratedError, CalibrationError) as e:
         _fail(e)
