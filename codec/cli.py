@@ -14,7 +14,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Neural Weigh
 
 
 @app.callback()
-def main() -> None:
+def _root() -> None:
     """Neural Weight Compression: a learned, entropy-coded codec for neural-network weights."""
 
 
@@ -397,5 +397,19 @@ def _stop_group(proc, grace: float) -> None:
         pass
 
 
-if __name__ == "__main__":
+SERVICE_GROUPS = {"admin": "api.admin:admin_app", "remote": "api.remote:remote_app"}
+
+
+def main() -> None:
+    """Entry point of `nwc`. The service's command groups (`nwc admin …`, `nwc remote …`) are mounted only when
+    asked for, so the codec commands never import the web stack."""
+    import importlib
+
+    if len(sys.argv) > 1 and sys.argv[1] in SERVICE_GROUPS:
+        module, attr = SERVICE_GROUPS[sys.argv[1]].split(":")
+        app.add_typer(getattr(importlib.import_module(module), attr), name=sys.argv[1])
     app()
+
+
+if __name__ == "__main__":
+    main()
