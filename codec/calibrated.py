@@ -449,7 +449,9 @@ class CalibratedCompressor:
         self.by_name = {t.name: t for t in self.source.tensors}
         self.progress, self.on_progress, self.on_checkpoint = progress, on_progress, on_checkpoint
         # No local path in it: a job redelivered to another worker (another download directory) resumes too.
-        fingerprint = {"source": self.source.fingerprint(), "bits": bits, "method": method, "calib": asdict(calib),
+        fingerprint = {"source": self.source.fingerprint(), "bits": bits, "method": method,
+                       # the text by its sha256 (below), not its path: an uploaded text resumes on another worker
+                       "calib": {**asdict(calib), "source": "wiki" if calib.source == "wiki" else "file"},
                        "calib_sha256": self.cs.sha256, "codec": self.info.sha256 if self.info else "", "seed": seed,
                        "tensors": [(t.name, list(t.shape), t.dtype) for t in self.source.tensors]}
         fingerprint = json.loads(json.dumps(fingerprint))  # as state.json stores it (tuples become lists)
