@@ -165,7 +165,7 @@ def test_resume_after_sigkill_gives_identical_bundle(small_llama: Path, tmp_path
     assert not (crashed / "model.nwc").exists()  # a killed run leaves no bundle, only checkpoints
 
     # resumed from a copy of the source elsewhere, as a job redelivered to another worker would be
-    moved = tmp_path / "elsewhere"
+    moved = tmp_path / "elsewhere" / small_llama.name  # the header records the source's name, not its path
     shutil.copytree(small_llama, moved)
     saved_units: list[set[str]] = []
     again = compress_calibrated(moved, crashed, 3.0, method, opts, device="cpu", progress=False,
