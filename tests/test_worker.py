@@ -11,7 +11,6 @@ import hashlib
 import http.server
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from real_models import cut_smollm2
 from services import (  # noqa: F401  (pytest fixtures)
     PostgresServer,
     S3Config,
@@ -98,7 +98,7 @@ class Deployment:
 
     def stop_workers(self) -> None:
         for p in self.workers:  # SIGKILL: graceful stops are `nwc serve`'s business (tested there)
-            kill_group(p, signal.SIGKILL)
+            kill_group(p)
         self.workers.clear()
 
     def logs(self) -> str:
@@ -106,20 +106,13 @@ class Deployment:
                          for f in sorted(self.log_dir.glob("*.log")))
 
 
-def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 20) -> None:
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process's whole group (a worker and its prefork children) and reap it."""
     try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    try:  # prefork children left in the group
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    proc.wait(20)
 
 
 def deployment(tmp: Path, **env: str) -> Deployment:
@@ -224,26 +217,9 @@ def download(dep: Deployment, arts: dict[str, Artifact], prefix: str, dest: Path
     return dest
 
 
-def cut_model(src: Path, out: Path, blocks: int) -> Path:
-    """SmolLM2 cut to its first `blocks` decoder blocks: real weights, real tokenizer, seconds to compress."""
-    from safetensors.torch import load_file, save_file
-
-    out.mkdir(parents=True)
-    keep = {k: v for k, v in load_file(str(src / "model.safetensors")).items()
-            if not k.startswith("model.layers.") or int(k.split(".")[2]) < blocks}
-    save_file(keep, str(out / "model.safetensors"), metadata={"format": "pt"})
-    for f in src.iterdir():
-        if f.suffix != ".safetensors" and f.name != "config.json" and f.is_file():
-            shutil.copy2(f, out / f.name)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["num_hidden_layers"] = blocks
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
-
-
 @pytest.fixture(scope="module")
 def small_llama(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return cut_model(smollm2_dir, tmp_path_factory.mktemp("small-llama") / "SmolLM2-3blocks", 3)
+    return cut_smollm2(smollm2_dir, tmp_path_factory.mktemp("small-llama") / "SmolLM2-3blocks", 3)
 
 
 class Hooks:
@@ -435,7 +411,7 @@ def test_services_sigkill_mid_job_resumes_with_identical_bundle(services_dep: De
     owner = get_job(dep, victim).lease_owner  # host/pid/…: pid of the pool process running the job
     group = os.getpgid(int(owner.split("/")[1]))
     (doomed,) = [w for w in workers if w.pid == group]
-    kill_group(doomed, signal.SIGKILL)
+    kill_group(doomed)
     assert doomed.returncode == -signal.SIGKILL
     killed = get_job(dep, victim)
     assert killed.state == JobState.RUNNING and killed.attempts == 1, "the job finished before the kill"
