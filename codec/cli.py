@@ -323,9 +323,9 @@ def worker(
     typer.echo(f"nwc worker: queues {queues}, concurrency {concurrency}, device {settings.worker_device}"
                f"{' (a GPU is present: jobs use CUDA)' if gpu and settings.worker_device == 'auto' else ''}",
                err=True)
-    from worker.celery_app import app as celery_app
+    from worker.celery_app import make_celery
 
-    celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-n", hostname, "--pool", pool,
+    make_celery(settings).worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-n", hostname, "--pool", pool,
                             "--loglevel", loglevel, "--without-gossip", "--without-mingle"])
 
 

@@ -554,13 +554,17 @@ def test_job_options_from_the_api() -> None:
             JobOptions.parse(method, 3, opts, "t1")
 
 
-def test_worker_modules_do_not_import_torch() -> None:
-    code = ("import sys, worker.tasks, worker.dispatch, worker.jobs, worker.reaper, codec.cli; "
+def test_worker_modules_do_not_import_torch(tmp_path: Path) -> None:
+    """What the worker's parent (and the API) imports loads no torch, and importing does no work: no settings
+    read into folders (the Celery app for the environment's settings is built on first use)."""
+    code = ("import sys, worker.tasks, worker.dispatch, worker.jobs, worker.reaper, worker.celery_app, codec.cli; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    data = tmp_path / "data"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "NWC_DATA_DIR": "/tmp/nwc-import-check"}, timeout=120)
+                       env={**os.environ, "NWC_DATA_DIR": str(data)}, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+    assert not data.exists(), sorted(data.rglob("*"))
 
 
 def test_celery_settings_for_long_gpu_jobs(tmp_path: Path) -> None:

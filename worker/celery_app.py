@@ -1,7 +1,7 @@
 """The Celery application, built from Settings.
 
-Two queues: ``gpu`` runs jobs (one at a time per worker process), ``cpu`` runs light tasks (webhooks,
-validation, imports). Settings follow the rules for hour-long GPU jobs (docs/DEPLOY.md): late acks,
+Two queues: ``gpu`` runs jobs (one at a time per worker process), ``cpu`` runs light tasks (webhooks, a
+reaper pass). Settings follow the rules for hour-long GPU jobs (docs/DEPLOY.md): late acks,
 prefetch 1, JSON only, soft/hard time limits per attempt, a Redis visibility timeout above the hard limit,
 and no torch/CUDA import here (the worker's parent process must never initialize CUDA; the job code
 imports torch lazily inside the child that runs it).
@@ -10,6 +10,10 @@ The broker is not the source of truth: the job table is. Embedded brokers (kombu
 have no visibility timeout, so a job whose worker was SIGKILLed is found by the reaper through its expired
 lease and re-enqueued (worker/jobs.py). Task results are not stored (``task_ignore_result``): the state of a
 job lives in the database.
+
+Importing this module reads no settings and creates nothing: the queue and task names are plain constants, and
+the app for `get_settings()` (``app``, what ``celery -A worker.celery_app`` finds) is built on first access.
+Code with its own Settings calls `make_celery(settings)` (or `worker.dispatch.get_celery`, cached).
 
     celery -A worker.celery_app worker -Q gpu,cpu -c 1     (or: nwc worker)
 """
@@ -100,4 +104,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
     return celery
 
 
-app = make_celery()
+def __getattr__(name: str) -> Celery:
+    """``app``: the Celery app for `get_settings()`, built (and its broker folders created) on first access."""
+    if name == "app":
+        global app
+        app = make_celery()
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 
+from celery import shared_task
 from celery.signals import worker_ready, worker_shutdown
 
 from api.core.config import get_settings
-from worker.celery_app import REAP, RUN_JOB, SEND_WEBHOOK, app
+from worker.celery_app import REAP, RUN_JOB, SEND_WEBHOOK
 
 __all__ = ["run_job_task", "send_webhook_task", "reap_task"]
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 _reaper = None
 
 
-@app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
+@shared_task(name=RUN_JOB, acks_late=True, ignore_result=True)
 def run_job_task(job_id: str) -> str:
     from worker.jobs import run_job
 
@@ -32,14 +33,14 @@ def run_job_task(job_id: str) -> str:
     return outcome
 
 
-@app.task(name=SEND_WEBHOOK, acks_late=True, ignore_result=True, soft_time_limit=600, time_limit=660)
+@shared_task(name=SEND_WEBHOOK, acks_late=True, ignore_result=True, soft_time_limit=600, time_limit=660)
 def send_webhook_task(job_id: str) -> None:
     from worker.webhooks import send_job_webhook
 
     send_job_webhook(job_id, get_settings())
 
 
-@app.task(name=REAP, ignore_result=True, soft_time_limit=120, time_limit=180)
+@shared_task(name=REAP, ignore_result=True, soft_time_limit=120, time_limit=180)
 def reap_task() -> dict:
     from worker.reaper import reap
 
