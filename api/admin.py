@@ -118,7 +118,7 @@ def set_limits(
 
 # ----------------------------------------------------------------------------- CLI
 
-admin_app = typer.Typer(help="Operator commands: database, tenants, API keys.", no_args_is_help=True)
+admin_app = typer.Typer(help="Operator commands: tenants and API keys.", no_args_is_help=True)
 _db_url: dict[str, str | None] = {"url": None}
 
 
@@ -155,15 +155,6 @@ def _session() -> Iterator[Session]:
 
 def _fmt(ts: datetime | None) -> str:
     return ts.strftime("%Y-%m-%d %H:%M") if ts else "-"
-
-
-@admin_app.command("migrate")
-def migrate_cmd() -> None:
-    """Bring the database to the current schema (run once per deployment and after upgrades)."""
-    from api.db.migrate import upgrade
-
-    upgrade(_url())
-    typer.echo("database is at the current schema", err=True)
 
 
 @admin_app.command("create-tenant")

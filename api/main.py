@@ -71,7 +71,7 @@ def create_app(
 
     `store` / `dispatcher` replace the configured object store / the worker dispatcher (tests);
     `migrate` runs the database migrations at start-up (default: only for SQLite, i.e. embedded
-    mode; production runs `nwc admin migrate` once per deployment instead).
+    mode; production runs `nwc db upgrade` once per deployment instead).
     """
     settings = settings or get_settings()
     resources = Resources(settings, store=store, dispatcher=dispatcher)
