@@ -32,14 +32,10 @@ __all__ = [
     "Resources",
     "get_resources",
     "ResourcesDep",
-    "get_settings_dep",
     "get_db",
-    "get_store",
     "get_dispatcher",
     "get_principal",
-    "SettingsDep",
     "DbDep",
-    "StoreDep",
     "DispatcherDep",
     "PrincipalDep",
 ]
@@ -103,10 +99,6 @@ async def get_resources(request: Request) -> Resources:
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
 
 
-async def get_settings_dep(res: ResourcesDep) -> Settings:
-    return res.settings
-
-
 async def get_db(res: ResourcesDep) -> AsyncIterator[Session]:
     """A session per request. Creating one does no I/O (it connects at its first query, in the route's
     thread); closing returns the connection to the pool, rolling back whatever was not committed."""
@@ -115,10 +107,6 @@ async def get_db(res: ResourcesDep) -> AsyncIterator[Session]:
         yield session
     finally:
         await run_in_threadpool(session.close)
-
-
-async def get_store(res: ResourcesDep) -> ObjectStore:
-    return res.store
 
 
 async def get_dispatcher(res: ResourcesDep) -> Dispatcher:
@@ -147,8 +135,6 @@ def get_principal(
     return principal
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 DbDep = Annotated[Session, Depends(get_db)]
-StoreDep = Annotated[ObjectStore, Depends(get_store)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -24,7 +24,6 @@ from api.storage import AccessDenied, InvalidKey, StoreUnavailable, TokenExpired
 __all__ = [
     "ApiError",
     "Unauthorized",
-    "not_found",
     "error_body",
     "install_error_handlers",
     "error_responses",
@@ -71,10 +70,6 @@ class ApiError(Exception):
 class Unauthorized(ApiError):
     def __init__(self, message: str = "missing or invalid API key: send 'Authorization: Bearer nwc_…'") -> None:
         super().__init__(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
-
-
-def not_found(kind: str, id_: str) -> ApiError:
-    return ApiError(404, "not_found", f"{kind} {id_!r} not found")
 
 
 def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:

@@ -27,7 +27,6 @@ __all__ = [
     "bind",
     "bound",
     "configure_logging",
-    "current_request_id",
     "REQUEST_ID_HEADER",
 ]
 
@@ -41,11 +40,6 @@ _RID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 
 access_log = logging.getLogger("nwc.api.access")
-
-
-def current_request_id() -> str | None:
-    ctx = _ctx.get()
-    return ctx.get("request_id") if ctx else None
 
 
 def bind(**fields: str | None) -> None:

@@ -6,13 +6,9 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ErrorInfo", "ErrorResponse", "Page", "ORMModel"]
+__all__ = ["ErrorInfo", "ErrorResponse", "Page"]
 
 T = TypeVar("T")
-
-
-class ORMModel(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
 
 
 class ErrorInfo(BaseModel):

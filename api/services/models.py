@@ -101,7 +101,7 @@ def state_name(m: Model) -> str:
     return str(m.state)
 
 
-def to_out(m: Model, file_count: int | None = None) -> ModelOut:
+def to_out(m: Model, file_count: int) -> ModelOut:
     return ModelOut(
         id=m.id,
         name=m.name,
@@ -110,7 +110,7 @@ def to_out(m: Model, file_count: int | None = None) -> ModelOut:
         hub_revision=m.hub_revision,
         state=state_name(m),  # type: ignore[arg-type]
         total_bytes=m.total_bytes,
-        file_count=len(m.files) if file_count is None else file_count,
+        file_count=file_count,
         error=m.error,
         created_at=m.created_at,
         updated_at=m.updated_at,

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import anyio.from_thread
 
-__all__ = ["SyncBody", "drain"]
+__all__ = ["SyncBody"]
 
 
 class SyncBody:
@@ -21,7 +21,6 @@ class SyncBody:
         self._it = stream.__aiter__()
         self._chunk = chunk
         self._done = False
-        self.received = 0
 
     async def _next(self) -> bytes:
         buf = bytearray()
@@ -32,7 +31,6 @@ class SyncBody:
                 self._done = True
                 break
             buf += piece
-        self.received += len(buf)
         return bytes(buf)
 
     def __iter__(self) -> Iterator[bytes]:
@@ -57,7 +55,3 @@ class SyncBody:
             if dropped > limit:
                 return False
         return True
-
-
-async def drain(stream: AsyncIterator[bytes], limit: int) -> bool:
-    return await SyncBody(stream).drain(limit)

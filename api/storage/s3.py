@@ -279,23 +279,7 @@ class S3Store:
             if not isinstance(err, UploadNotFound | ObjectNotFound):
                 raise err from e
 
-    # ------------------------------------------------------------------ bucket and health
-
-    def ensure_bucket(self) -> None:
-        """Create the bucket if it does not exist (deployment set-up and tests)."""
-        try:
-            self._client.head_bucket(Bucket=self.bucket)
-            return
-        except ClientError as e:
-            if _code(e) not in _NOT_FOUND | {"NoSuchBucket"}:
-                raise self._translate(e, "") from e
-        except BotoCoreError as e:
-            raise self._translate(e, "") from e
-        try:
-            self._client.create_bucket(Bucket=self.bucket)
-        except ClientError as e:
-            if _code(e) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
-                raise self._translate(e, "") from e
+    # ------------------------------------------------------------------ health
 
     def ping(self) -> None:
         try:
