@@ -43,6 +43,7 @@ from api.db.session import session_scope
 from api.storage import ObjectNotFound, ObjectStore, make_store
 from api.storage.base import CHUNK
 from worker.db import session_factory
+from worker.dispatch import enqueue_job, notify_job
 from worker.lease import Claim, JobCancelled, Lease, LeaseLost, claim_job, now, worker_identity
 from worker.options import InvalidJobOptions, JobOptions
 
@@ -482,11 +483,9 @@ def stage_publish(ctx: _Ctx, compressed: dict[str, Any], verified: dict[str, Any
 # ----------------------------------------------------------------------------- the runner
 
 
-def run_job(job_id: str, settings: Settings | None = None, *, enqueue: Callable[[str, float], None] | None = None
-            ) -> str:
-    """Run (or resume) one job to a terminal state; returns what happened (for logs and tests).
-
-    `enqueue(job_id, countdown)` re-sends the job after a transient failure (default: worker.dispatch)."""
+def run_job(job_id: str, settings: Settings | None = None) -> str:
+    """Run (or resume) one job to a terminal state, or back to the queue after a transient failure; returns what
+    happened (for logs)."""
     settings = settings or get_settings()
     sf = session_factory(settings)
     owner = worker_identity()
@@ -499,7 +498,7 @@ def run_job(job_id: str, settings: Settings | None = None, *, enqueue: Callable[
     if isinstance(claim, str):
         log.info("job %s not run: %s", job_id, claim)
         if claim.startswith("failed"):
-            _notify(settings, job_id)
+            notify_job(job_id, settings=settings)
         return f"skipped: {claim}"
 
     with sf() as s:
@@ -534,10 +533,10 @@ def run_job(job_id: str, settings: Settings | None = None, *, enqueue: Callable[
             shutil.rmtree(root, ignore_errors=True)
             return "lease lost"
         except BaseException as e:  # noqa: BLE001 - every failure is recorded before the task ends
-            return _fail_or_retry(settings, lease, job_id, tenant_id, root, e, enqueue)
+            return _fail_or_retry(settings, lease, job_id, tenant_id, root, e)
     shutil.rmtree(root, ignore_errors=True)
     _tidy_after_success(settings, tenant_id, job_id, ctx.opts if ctx else None)
-    _notify(settings, job_id)
+    notify_job(job_id, settings=settings)
     return "succeeded"
 
 
@@ -586,8 +585,8 @@ def _is_permanent(e: BaseException) -> bool:
                          "LookupError", "ValueError", "MemoryError"})
 
 
-def _fail_or_retry(settings: Settings, lease: Lease, job_id: str, tenant_id: str, root: Path, e: BaseException,
-                   enqueue: Callable[[str, float], None] | None) -> str:
+def _fail_or_retry(settings: Settings, lease: Lease, job_id: str, tenant_id: str, root: Path, e: BaseException
+                   ) -> str:
     msg = f"{type(e).__name__}: {e}" if not isinstance(e, JobFailed) else str(e)
     permanent = _is_permanent(e) or lease.claim.attempt >= settings.job_max_attempts
     if isinstance(e, KeyboardInterrupt | SystemExit):  # the worker is shutting down: leave it to the reaper
@@ -611,25 +610,12 @@ def _fail_or_retry(settings: Settings, lease: Lease, job_id: str, tenant_id: str
         return "cancelled" if lease.cancelled.is_set() else "lease lost"
     if permanent:
         _cleanup(settings, root, tenant_id, job_id, outputs=True)
-        _notify(settings, job_id)
+        notify_job(job_id, settings=settings)
         return f"failed: {msg}"
     shutil.rmtree(root, ignore_errors=True)
     countdown = min(300.0, 5.0 * 2 ** (lease.claim.attempt - 1))
-    if enqueue is None:
-        enqueue = _send_later(settings)
-    enqueue(job_id, countdown)
+    enqueue_job(job_id, settings=settings, countdown=countdown)
     return f"retry: {msg}"
-
-
-def _send_later(settings: Settings) -> Callable[[str, float], None]:
-    def send(job_id: str, countdown: float) -> None:
-        from worker.celery_app import GPU_QUEUE, RUN_JOB
-        from worker.dispatch import get_celery
-
-        get_celery(settings).send_task(RUN_JOB, args=[job_id], queue=GPU_QUEUE, routing_key=GPU_QUEUE,
-                                       countdown=countdown)
-
-    return send
 
 
 def _cleanup(settings: Settings, root: Path, tenant_id: str, job_id: str, *, outputs: bool) -> None:
@@ -640,19 +626,3 @@ def _cleanup(settings: Settings, root: Path, tenant_id: str, job_id: str, *, out
         store.delete_prefix(job_prefix(tenant_id, job_id) + ("" if outputs else "work/"))
     except Exception:  # cleanup is best effort; a later sweep can remove orphans
         log.exception("could not clean stored work of job %s", job_id)
-
-
-def _notify(settings: Settings, job_id: str) -> None:
-    """Queue the webhook (cpu queue) if the job has one."""
-    sf = session_factory(settings)
-    with sf() as s:
-        url = s.scalar(select(Job.webhook_url).where(Job.id == job_id))
-    if not url:
-        return
-    try:
-        from worker.celery_app import CPU_QUEUE, SEND_WEBHOOK
-        from worker.dispatch import get_celery
-
-        get_celery(settings).send_task(SEND_WEBHOOK, args=[job_id], queue=CPU_QUEUE, routing_key=CPU_QUEUE)
-    except Exception:
-        log.exception("could not queue the webhook of job %s", job_id)

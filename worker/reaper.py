@@ -23,6 +23,7 @@ from api.core.config import Settings, get_settings
 from api.db.models import Job, JobEvent, JobState
 from api.db.session import session_scope
 from worker.db import session_factory
+from worker.dispatch import enqueue_job, notify_job
 from worker.lease import now
 
 __all__ = ["reap", "ReaperThread"]
@@ -35,15 +36,11 @@ def reap(settings: Settings | None = None, *, enqueue: Callable[[str], None] | N
     """One pass; returns the ids it requeued, failed and re-sent."""
     settings = settings or get_settings()
     if enqueue is None:
-        from worker.dispatch import enqueue_job
-
         def enqueue(job_id: str) -> None:
             enqueue_job(job_id, settings=settings)
     if notify is None:
-        from worker.jobs import _notify
-
         def notify(job_id: str) -> None:
-            _notify(settings, job_id)
+            notify_job(job_id, settings=settings)
 
     sf = session_factory(settings)
     t = now()
