@@ -40,14 +40,16 @@ from sqlalchemy import delete, select
 from api.core.config import Settings, get_settings
 from api.db.models import Artifact, ArtifactKind, Job, JobEvent, JobState, Model, ModelFile, ModelState
 from api.db.session import session_scope
+from api.db.types import utcnow
+from api.services.keys import job_prefix
 from api.storage import ObjectNotFound, ObjectStore, make_store
 from api.storage.base import CHUNK
 from worker.db import session_factory
 from worker.dispatch import enqueue_job, notify_job
-from worker.lease import Claim, JobCancelled, Lease, LeaseLost, claim_job, now, worker_identity
+from worker.lease import Claim, JobCancelled, Lease, LeaseLost, claim_job, worker_identity
 from worker.options import InvalidJobOptions, JobOptions
 
-__all__ = ["run_job", "JobFailed", "job_prefix", "STAGES", "STAGE_WEIGHTS"]
+__all__ = ["run_job", "JobFailed", "STAGES", "STAGE_WEIGHTS"]
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +67,6 @@ class JobFailed(Exception):
     """A permanent failure: the job fails now, without another attempt."""
 
 
-def job_prefix(tenant_id: str, job_id: str) -> str:
-    return f"tenants/{tenant_id}/jobs/{job_id}/"
-
-
 def _safe_name(name: str) -> str:
     """A directory name from a model name (the codec records the source directory's name in the bundle header,
     so it must not depend on the worker: two runs of the same job write the same bytes)."""
@@ -81,14 +79,6 @@ def _rel_path(p: str) -> PurePosixPath:
     if rel.is_absolute() or not rel.parts or any(x in ("", ".", "..") for x in rel.parts) or "\\" in p:
         raise JobFailed(f"invalid model file path {p!r}")
     return rel
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _download(store: ObjectStore, key: str, dest: Path, check: Callable[[], None] | None = None,
@@ -184,7 +174,7 @@ class _Ctx:
         if gained >= 0.02:
             elapsed = time.monotonic() - self.t0
             # never in the past: a stage whose progress is estimated (verify) may run longer than its share
-            eta = now() + timedelta(seconds=max(1.0, elapsed * (1.0 - self.progress) / gained))
+            eta = utcnow() + timedelta(seconds=max(1.0, elapsed * (1.0 - self.progress) / gained))
         self.lease.set_progress(stage=self.stage, progress=round(self.progress, 4), eta_at=eta)
 
     def check(self) -> None:
@@ -372,8 +362,10 @@ def stage_compress(ctx: _Ctx) -> dict[str, Any]:
 def _download_manifest(ctx: _Ctx, files: dict[str, dict[str, Any]], dest: Path) -> None:
     for rel, meta in files.items():
         p = dest / _rel_path(rel)
-        if p.is_file() and p.stat().st_size == meta["size"] and _sha256_file(p) == meta["sha256"]:
-            continue
+        if p.is_file() and p.stat().st_size == meta["size"]:
+            with open(p, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() == meta["sha256"]:
+                    continue
         size, sha = _download(ctx.store, meta["key"], p, ctx.check)
         if sha != meta["sha256"]:
             raise RuntimeError(f"stored {meta['key']} does not match its manifest")
@@ -464,7 +456,7 @@ def stage_publish(ctx: _Ctx, compressed: dict[str, Any], verified: dict[str, Any
         rows.append((ArtifactKind.REPORT, REPORT_FILE, verified["report"]))
     ctx.set_progress(0.5)
     sf = session_factory(ctx.settings)
-    t = now()
+    t = utcnow()
     with session_scope(sf) as s:
         owned = ctx.lease.write(s, state=JobState.SUCCEEDED, stage="publish", progress=1.0, eta_at=None,
                                 finished_at=t, lease_owner=None, lease_expires_at=None, error=None)
@@ -594,7 +586,7 @@ def _fail_or_retry(settings: Settings, lease: Lease, job_id: str, tenant_id: str
     log.exception("job %s attempt %d failed (%s)", job_id, lease.claim.attempt,
                   "permanent" if permanent else "will retry", exc_info=e)
     sf = session_factory(settings)
-    t = now()
+    t = utcnow()
     with session_scope(sf) as s:
         if permanent:
             values: dict[str, Any] = dict(state=JobState.FAILED, error=msg[:4000], finished_at=t, eta_at=None,

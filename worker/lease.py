@@ -16,7 +16,7 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
@@ -24,8 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.db.models import TERMINAL_JOB_STATES, Job, JobEvent, JobState
 from api.db.session import session_scope
+from api.db.types import utcnow
 
-__all__ = ["JobCancelled", "LeaseLost", "Claim", "Lease", "claim_job", "worker_identity", "now"]
+__all__ = ["JobCancelled", "LeaseLost", "Claim", "Lease", "claim_job", "worker_identity"]
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ class JobCancelled(Exception):
 
 class LeaseLost(Exception):
     """The job is no longer leased to this worker (it stalled past its lease and another worker took over)."""
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 def worker_identity() -> str:
@@ -62,7 +59,7 @@ def claim_job(sf: sessionmaker[Session], job_id: str, owner: str, lease_s: float
         job = s.get(Job, job_id)
         if job is None:
             return "no such job"
-        t = now()
+        t = utcnow()
         if job.state in TERMINAL_JOB_STATES:
             return f"job is {job.state.value}"
         if job.state == JobState.RUNNING and job.lease_expires_at is not None and job.lease_expires_at > t:
@@ -130,7 +127,7 @@ class Lease:
 
     def write(self, s: Session, **values: Any) -> bool:
         """Conditional update of the job row (only while owned); also renews the lease. False: not owned."""
-        t = now()
+        t = utcnow()
         with self._lock:
             pending, self._pending = self._pending, {}
         vals = {**pending, "lease_expires_at": t + timedelta(seconds=self.lease_s), "updated_at": t, **values}

@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from api.services.keys import tenant_prefix
+
 __all__ = ["JobOptions", "InvalidJobOptions", "METHODS", "OUTPUTS", "DEFAULT_OUTPUTS"]
 
 METHODS = ("nwc", "gptq", "rtn")
@@ -85,7 +87,7 @@ class JobOptions:
         if key is not None:
             if not isinstance(key, str) or not key:
                 raise InvalidJobOptions("calibration key must be a non-empty string")
-            if tenant_id is not None and not key.startswith(f"tenants/{tenant_id}/"):
+            if tenant_id is not None and not key.startswith(tenant_prefix(tenant_id)):
                 raise InvalidJobOptions("the calibration text must be an object of this tenant")
             if not key.lower().endswith((".txt", ".jsonl")):
                 raise InvalidJobOptions("an uploaded calibration text must be a .txt or .jsonl object")

@@ -22,9 +22,9 @@ from sqlalchemy import select, update
 from api.core.config import Settings, get_settings
 from api.db.models import Job, JobEvent, JobState
 from api.db.session import session_scope
+from api.db.types import utcnow
 from worker.db import session_factory
 from worker.dispatch import enqueue_job, notify_job
-from worker.lease import now
 
 __all__ = ["reap", "ReaperThread"]
 
@@ -43,7 +43,7 @@ def reap(settings: Settings | None = None, *, enqueue: Callable[[str], None] | N
             notify_job(job_id, settings=settings)
 
     sf = session_factory(settings)
-    t = now()
+    t = utcnow()
     requeued: list[str] = []
     failed: list[str] = []
     resent: list[str] = []
