@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 from api.client import NWCClient
 from api.db.models import Model, ModelFile
 from api.services import models as model_service
-from api.services.validation import ST_DTYPE_BYTES
+from api.services.validation import ST_DTYPES as API_DTYPES
 
 
 def _rows(server: ApiServer, model_id: str) -> int:  # noqa: F811
@@ -47,7 +47,22 @@ def _assert_clean(server: ApiServer, tenant_id: str, model_id: str) -> None:  # 
 def test_dtypes_match_the_codec() -> None:
     from codec.source import ST_DTYPES
 
-    assert set(ST_DTYPE_BYTES) == set(ST_DTYPES)
+    assert API_DTYPES == set(ST_DTYPES)
+
+
+def test_every_codec_dtype_passes_the_header_check() -> None:
+    """The safetensors library reads each accepted dtype's header (no numpy type needed, e.g. BF16, F8)."""
+    import io
+
+    from api.services.validation import check_safetensors
+
+    header, offset = {}, 0
+    for i, dtype in enumerate(sorted(API_DTYPES)):
+        size = 3 * {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(dtype, 1)
+        header[f"t{i}"] = {"dtype": dtype, "shape": [3], "data_offsets": [offset, offset + size]}
+        offset += size
+    data = raw_safetensors(header, b"\0" * offset)
+    check_safetensors("model.safetensors", io.BytesIO(data).read, len(data))
 
 
 def test_streamed_upload_finalize_list_delete(server: ApiServer) -> None:  # noqa: F811

@@ -224,15 +224,15 @@ def _new_key(tenant_id: str, model_id: str, path: str) -> str:
     return keys.model_file_key(tenant_id, model_id, f"{secrets.token_hex(6)}/{path}")
 
 
-def validate_stored(store: ObjectStore, path: str, key: str, size: int) -> dict[str, Any] | None:
+def validate_stored(store: ObjectStore, path: str, key: str, size: int) -> None:
     """Check a stored file's content (safetensors header; config JSON). Raises ApiError; the caller deletes."""
     if is_safetensors(path):
         f = store.open(key)
         try:
-            info = check_safetensors(path, f.read, size)
+            check_safetensors(path, f.read, size)
         finally:
             f.close()
-        return {"tensors": info.tensors, "parameters": info.parameters}
+        return
     if path.lower().endswith(".json") and size <= MAX_CONFIG_READ:
         f = store.open(key)
         try:
@@ -240,7 +240,6 @@ def validate_stored(store: ObjectStore, path: str, key: str, size: int) -> dict[
         finally:
             f.close()
         check_json_file(path, data)
-    return None
 
 
 def record_file(db: Session, store: ObjectStore, plan: UploadPlan, result: PutResult) -> ModelFile:
