@@ -9,16 +9,15 @@ from __future__ import annotations
 import os
 import threading
 
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.core.config import Settings
 from api.db.session import make_engine, make_session_factory
 
-__all__ = ["session_factory", "engine_for"]
+__all__ = ["session_factory"]
 
 _lock = threading.Lock()
-_engines: dict[tuple[int, str], tuple[Engine, sessionmaker[Session]]] = {}
+_factories: dict[tuple[int, str], sessionmaker[Session]] = {}
 
 
 def _after_fork_in_child() -> None:
@@ -30,20 +29,10 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _get(url: str) -> tuple[Engine, sessionmaker[Session]]:
-    key = (os.getpid(), url)
-    with _lock:
-        hit = _engines.get(key)
-        if hit is None:
-            engine = make_engine(url)
-            hit = (engine, make_session_factory(engine))
-            _engines[key] = hit
-        return hit
-
-
-def engine_for(settings: Settings) -> Engine:
-    return _get(settings.db_url)[0]
-
-
 def session_factory(settings: Settings) -> sessionmaker[Session]:
-    return _get(settings.db_url)[1]
+    key = (os.getpid(), settings.db_url)
+    with _lock:
+        sf = _factories.get(key)
+        if sf is None:
+            sf = _factories[key] = make_session_factory(make_engine(settings.db_url))
+        return sf

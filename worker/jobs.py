@@ -515,33 +515,36 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
             ctx = _Ctx(settings, make_store(settings), claim, lease, job_id, tenant_id, model_id, model_name, opts,
                        job_prefix(tenant_id, job_id), root, progress=claim.progress, started_progress=claim.progress)
             _run_stages(ctx)
+            outcome = "succeeded"
         except JobCancelled:
             log.info("job %s cancelled", job_id)
             lease.release()
-            _cleanup(settings, root, tenant_id, job_id, outputs=True)
-            return "cancelled"
+            _delete_stored(settings, tenant_id, job_id, "")  # nothing was published
+            outcome = "cancelled"
         except LeaseLost:
             log.warning("job %s: lease lost to another worker; stopping without touching it", job_id)
-            shutil.rmtree(root, ignore_errors=True)
-            return "lease lost"
+            outcome = "lease lost"
         except BaseException as e:  # noqa: BLE001 - every failure is recorded before the task ends
-            return _fail_or_retry(settings, lease, job_id, tenant_id, root, e)
+            # (a worker shutdown is re-raised: the scratch then stays for the next attempt on this machine)
+            outcome = _fail_or_retry(settings, lease, job_id, tenant_id, e)
     shutil.rmtree(root, ignore_errors=True)
-    _tidy_after_success(settings, tenant_id, job_id, ctx.opts if ctx else None)
-    notify_job(job_id, settings=settings)
-    return "succeeded"
+    if outcome == "succeeded":
+        # Drop what no artifact refers to: the work area, and the bundle files if the bundle was not asked for.
+        assert ctx is not None
+        _delete_stored(settings, tenant_id, job_id, "work/", *(() if "bundle" in ctx.opts.outputs else ("bundle/",)))
+        notify_job(job_id, settings=settings)
+    return outcome
 
 
-def _tidy_after_success(settings: Settings, tenant_id: str, job_id: str, opts: JobOptions | None) -> None:
-    """Drop what no artifact refers to: the work area, and the bundle files if the bundle was not asked for."""
+def _delete_stored(settings: Settings, tenant_id: str, job_id: str, *parts: str) -> None:
+    """Best effort: delete these parts of the job's stored prefix ("" = all of it); a later sweep can remove
+    what is left after an error."""
     try:
         store = make_store(settings)
-        prefix = job_prefix(tenant_id, job_id)
-        store.delete_prefix(prefix + "work/")
-        if opts is not None and "bundle" not in opts.outputs:
-            store.delete_prefix(prefix + "bundle/")
+        for part in parts:
+            store.delete_prefix(job_prefix(tenant_id, job_id) + part)
     except Exception:
-        log.exception("could not tidy the stored work of job %s", job_id)
+        log.exception("could not delete the stored work of job %s", job_id)
 
 
 def _run_stages(ctx: _Ctx) -> None:
@@ -564,25 +567,21 @@ def _run_stages(ctx: _Ctx) -> None:
 def _is_permanent(e: BaseException) -> bool:
     if isinstance(e, JobFailed | InvalidJobOptions):
         return True
-    try:
-        from celery.exceptions import SoftTimeLimitExceeded
+    from celery.exceptions import SoftTimeLimitExceeded
 
-        if isinstance(e, SoftTimeLimitExceeded):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(e, SoftTimeLimitExceeded):
+        return True
     # The codec's refusals (bad model, unreachable rate, bad calibration) do not get better on retry.
     names = {c.__name__ for c in type(e).__mro__}
     return bool(names & {"SourceError", "RateTargetError", "CalibratedError", "CalibrationError", "ContainerError",
                          "LookupError", "ValueError", "MemoryError"})
 
 
-def _fail_or_retry(settings: Settings, lease: Lease, job_id: str, tenant_id: str, root: Path, e: BaseException
-                   ) -> str:
-    msg = f"{type(e).__name__}: {e}" if not isinstance(e, JobFailed) else str(e)
-    permanent = _is_permanent(e) or lease.claim.attempt >= settings.job_max_attempts
+def _fail_or_retry(settings: Settings, lease: Lease, job_id: str, tenant_id: str, e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt | SystemExit):  # the worker is shutting down: leave it to the reaper
         raise e
+    msg = f"{type(e).__name__}: {e}" if not isinstance(e, JobFailed) else str(e)
+    permanent = _is_permanent(e) or lease.claim.attempt >= settings.job_max_attempts
     log.exception("job %s attempt %d failed (%s)", job_id, lease.claim.attempt,
                   "permanent" if permanent else "will retry", exc_info=e)
     sf = session_factory(settings)
@@ -598,23 +597,15 @@ def _fail_or_retry(settings: Settings, lease: Lease, job_id: str, tenant_id: str
         if owned:
             s.add(JobEvent(job_id=job_id, stage=None, kind="error" if permanent else "retry",
                            message=msg[:4000], data={"state": values["state"].value, "attempt": lease.claim.attempt}))
-    if not owned:
-        return "cancelled" if lease.cancelled.is_set() else "lease lost"
+    if not owned:  # cancelled meanwhile (its stored work goes, as after JobCancelled), or taken over
+        if lease.cancelled.is_set():
+            _delete_stored(settings, tenant_id, job_id, "")
+            return "cancelled"
+        return "lease lost"
     if permanent:
-        _cleanup(settings, root, tenant_id, job_id, outputs=True)
+        _delete_stored(settings, tenant_id, job_id, "")  # nothing was published
         notify_job(job_id, settings=settings)
         return f"failed: {msg}"
-    shutil.rmtree(root, ignore_errors=True)
     countdown = min(300.0, 5.0 * 2 ** (lease.claim.attempt - 1))
     enqueue_job(job_id, settings=settings, countdown=countdown)
     return f"retry: {msg}"
-
-
-def _cleanup(settings: Settings, root: Path, tenant_id: str, job_id: str, *, outputs: bool) -> None:
-    """Remove the job's scratch and stored work (and its partial outputs: nothing was published)."""
-    shutil.rmtree(root, ignore_errors=True)
-    try:
-        store = make_store(settings)
-        store.delete_prefix(job_prefix(tenant_id, job_id) + ("" if outputs else "work/"))
-    except Exception:  # cleanup is best effort; a later sweep can remove orphans
-        log.exception("could not clean stored work of job %s", job_id)
