@@ -28,6 +28,7 @@ from api.client import NWCClient
 from api.db.models import Model, ModelFile
 from api.services import models as model_service
 from api.services.validation import ST_DTYPES as API_DTYPES
+from api.storage import read_all
 
 
 def _rows(server: ApiServer, model_id: str) -> int:  # noqa: F811
@@ -99,9 +100,7 @@ def test_streamed_upload_finalize_list_delete(server: ApiServer) -> None:  # noq
     # stored objects are the bytes that were sent
     with server.db() as s:
         row = s.scalars(select(ModelFile).where(ModelFile.model_id == mid, ModelFile.path == "model.safetensors")).one()
-        f = server.store.open(row.key)
-        assert f.read() == files["model.safetensors"]
-        f.close()
+        assert read_all(server.store, row.key) == files["model.safetensors"]
     assert c.delete(f"/v1/models/{mid}").status_code == 204
     assert c.get(f"/v1/models/{mid}").status_code == 404
     _assert_clean(server, t.id, mid)

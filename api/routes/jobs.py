@@ -14,12 +14,11 @@ from api.db.scoping import get_for_tenant
 from api.db.types import utcnow
 from api.deps import DbDep, DispatcherDep, PrincipalDep, ResourcesDep
 from api.errors import ApiError, error_responses
-from api.logs import bind
 from api.schemas.common import Page
 from api.schemas.jobs import ArtifactOut, EventOut, JobCreate, JobDetail, JobOut, JobStateName, Method
 from api.services import jobs as svc
 from api.services.pagination import DEFAULT_LIMIT, MAX_LIMIT
-from api.storage import ObjectNotFound, ObjectStore
+from api.storage import ObjectNotFound, ObjectStore, read_all
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -149,7 +148,6 @@ def get_artifact(
 )
 def get_report(job_id: str, principal: PrincipalDep, db: DbDep, res: ResourcesDep) -> Any:
     job = svc.get_job(db, principal.tenant_id, job_id)
-    bind(job_id=job.id)
     art = db.scalars(
         select(Artifact).where(Artifact.job_id == job.id, Artifact.kind == ArtifactKind.REPORT)
         .order_by(Artifact.created_at.desc())
@@ -159,13 +157,9 @@ def get_report(job_id: str, principal: PrincipalDep, db: DbDep, res: ResourcesDe
     if art.size > MAX_REPORT_BYTES:
         raise ApiError(409, "report_too_large", "the report is too large to return inline; download the artifact")
     try:
-        f = res.store.open(art.key)
+        data = read_all(res.store, art.key, MAX_REPORT_BYTES + 1)
     except ObjectNotFound:
         raise ApiError(404, "report_not_ready", f"the report object of job {job.id} is missing") from None
-    try:
-        data = f.read(MAX_REPORT_BYTES + 1)
-    finally:
-        f.close()
     try:
         return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

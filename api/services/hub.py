@@ -192,7 +192,7 @@ def run_import(
                 m = db.get(Model, model_id)
                 if m is None:
                     raise _Gone()
-                check_directory({f.path: f for f in m.files}, lambda row: _read(store, row.key))
+                check_directory(store, {f.path: f for f in m.files})
                 m.state = ModelState.READY
                 m.updated_at = utcnow()
                 db.commit()
@@ -219,14 +219,6 @@ def run_import(
 
 class _Gone(Exception):
     pass
-
-
-def _read(store: ObjectStore, key: str) -> bytes:
-    f = store.open(key)
-    try:
-        return f.read(64 << 20)
-    finally:
-        f.close()
 
 
 def _cleanup(store: ObjectStore, tenant_id: str, model_id: str, stored: list[str]) -> None:

@@ -59,6 +59,7 @@ from api.storage import (
     PutResult,
     UploadNotFound,
     hash_object,
+    read_all,
 )
 from api.storage.base import MAX_PART_NUMBER, MIN_PART_SIZE
 
@@ -90,6 +91,7 @@ log = logging.getLogger("nwc.api.models")
 DEFAULT_PART_SIZE = 64 << 20
 _UPLOAD_ID_RE = re.compile(r"^upl_[0-9a-f]{32}$")
 MAX_CONFIG_READ = 16 << 20
+MAX_MARKER_BYTES = 1 << 16  # an open upload's marker object (a small JSON record)
 
 
 # ----------------------------------------------------------------------------- views
@@ -234,12 +236,7 @@ def validate_stored(store: ObjectStore, path: str, key: str, size: int) -> None:
             f.close()
         return
     if path.lower().endswith(".json") and size <= MAX_CONFIG_READ:
-        f = store.open(key)
-        try:
-            data = f.read(MAX_CONFIG_READ + 1)
-        finally:
-            f.close()
-        check_json_file(path, data)
+        check_json_file(path, read_all(store, key, MAX_CONFIG_READ + 1))
 
 
 def record_file(db: Session, store: ObjectStore, plan: UploadPlan, result: PutResult) -> ModelFile:
@@ -291,8 +288,12 @@ def delete_file(db: Session, store: ObjectStore, tenant_id: str, model_id: str, 
 # ----------------------------------------------------------------------------- directory checks, finalize
 
 
-def check_directory(files: dict[str, ModelFile], read_small: Any) -> None:
+def check_directory(store: ObjectStore, files: dict[str, ModelFile]) -> None:
     """The model as a whole: weights and config.json present, config safe, shard index consistent."""
+
+    def read_small(row: ModelFile) -> bytes:
+        return read_all(store, row.key, MAX_AUX_BYTES + 1)
+
     shards = sorted(p for p in files if is_safetensors(p))
     if not shards:
         raise ApiError(422, "missing_weights", "the model has no .safetensors weight files",
@@ -310,17 +311,6 @@ def check_directory(files: dict[str, ModelFile], read_small: Any) -> None:
                            {"missing": missing})
 
 
-def _reader(store: ObjectStore):
-    def read_small(row: ModelFile) -> bytes:
-        f = store.open(row.key)
-        try:
-            return f.read(MAX_AUX_BYTES + 1)
-        finally:
-            f.close()
-
-    return read_small
-
-
 def finalize(db: Session, store: ObjectStore, tenant_id: str, model_id: str) -> Model:
     m = get_model(db, tenant_id, model_id, for_update=True)
     _require_uploading(m)
@@ -329,7 +319,7 @@ def finalize(db: Session, store: ObjectStore, tenant_id: str, model_id: str) -> 
         raise ApiError(409, "uploads_open", f"{len(open_uploads)} multipart upload(s) still open: complete or "
                        "abort them first", {"upload_ids": [k.rsplit("/", 1)[1].removesuffix(".json")
                                                            for k in open_uploads]})
-    check_directory({f.path: f for f in m.files}, _reader(store))
+    check_directory(store, {f.path: f for f in m.files})
     m.state = ModelState.READY
     m.total_bytes = sum(f.size for f in m.files)
     m.error = None
@@ -347,7 +337,7 @@ def delete_model(db: Session, store: ObjectStore, tenant_id: str, model_id: str)
     db.commit()
     for obj in markers:
         try:
-            marker = json.loads(_read_marker_bytes(store, obj.key))
+            marker = json.loads(read_all(store, obj.key, MAX_MARKER_BYTES))
             store.abort_multipart(marker["key"], marker["store_upload_id"])
         except Exception:
             log.exception("could not abort upload %s", obj.key)
@@ -360,19 +350,11 @@ def delete_model(db: Session, store: ObjectStore, tenant_id: str, model_id: str)
 # ----------------------------------------------------------------------------- multipart upload
 
 
-def _read_marker_bytes(store: ObjectStore, key: str) -> bytes:
-    f = store.open(key)
-    try:
-        return f.read(1 << 16)
-    finally:
-        f.close()
-
-
 def _load_upload(store: ObjectStore, tenant_id: str, model_id: str, upload_id: str) -> dict[str, Any]:
     if not _UPLOAD_ID_RE.match(upload_id):
         raise ApiError(404, "not_found", f"upload {upload_id!r} not found")
     try:
-        return json.loads(_read_marker_bytes(store, keys.upload_marker_key(tenant_id, model_id, upload_id)))
+        return json.loads(read_all(store, keys.upload_marker_key(tenant_id, model_id, upload_id), MAX_MARKER_BYTES))
     except ObjectNotFound:
         raise ApiError(404, "not_found", f"upload {upload_id!r} not found (completed, aborted or never started)") \
             from None

@@ -275,11 +275,11 @@ def iter_source(data: StreamSource, chunk_size: int = CHUNK) -> Iterator[bytes]:
             yield bytes(chunk)
 
 
-def read_all(store: ObjectStore, key: str) -> bytes:
-    """Whole object in memory: for small objects and tests."""
+def read_all(store: ObjectStore, key: str, limit: int | None = None) -> bytes:
+    """The object in memory (at most its first `limit` bytes): for small objects and tests."""
     f = store.open(key)
     try:
-        return f.read()
+        return f.read() if limit is None else f.read(limit)
     finally:
         f.close()
 
