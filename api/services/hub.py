@@ -19,6 +19,7 @@ import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,9 +34,10 @@ from api.services import keys
 from api.services.models import check_directory, discard
 from api.services.usage import storage_used, tenant_limits
 from api.services.validation import (
+    MAX_JSON_READ,
     PICKLE_SUFFIXES,
+    check_content,
     check_json_file,
-    check_safetensors,
     is_safetensors,
     max_bytes_for,
     sanitize_path,
@@ -133,7 +135,8 @@ def plan_import(db: Session, store: ObjectStore, settings: Settings, tenant_id: 
                                        token=token)
         except Exception as e:
             raise _hub_error(e, body.hub_id, body.revision, bool(token)) from None
-        check_json_file("config.json", Path(cfg_path).read_bytes()[: 16 << 20])
+        with open(cfg_path, "rb") as f:
+            check_json_file("config.json", f.read(MAX_JSON_READ + 1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for path, size in files:
@@ -171,11 +174,7 @@ def run_import(
                 limit = max_bytes_for(path, settings.upload_max_bytes)
                 if size > limit:
                     raise ApiError(413, "upload_too_large", f"{path} is {size} bytes, over the limit of {limit}")
-                if is_safetensors(path):
-                    with local.open("rb") as f:
-                        check_safetensors(path, f.read, size)
-                elif path.endswith(".json") and size <= 16 << 20:
-                    check_json_file(path, local.read_bytes())
+                check_content(path, partial(local.open, "rb"), size)
                 key = keys.model_file_key(tenant_id, model_id, f"hub/{path}")
                 stored.append(key)
                 with local.open("rb") as f:

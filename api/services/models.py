@@ -44,8 +44,8 @@ from api.services.pagination import paginate
 from api.services.usage import storage_used, tenant_limits
 from api.services.validation import (
     MAX_AUX_BYTES,
+    check_content,
     check_json_file,
-    check_safetensors,
     is_safetensors,
     max_bytes_for,
     sanitize_path,
@@ -90,7 +90,6 @@ log = logging.getLogger("nwc.api.models")
 
 DEFAULT_PART_SIZE = 64 << 20
 _UPLOAD_ID_RE = re.compile(r"^upl_[0-9a-f]{32}$")
-MAX_CONFIG_READ = 16 << 20
 MAX_MARKER_BYTES = 1 << 16  # an open upload's marker object (a small JSON record)
 
 
@@ -228,15 +227,7 @@ def _new_key(tenant_id: str, model_id: str, path: str) -> str:
 
 def validate_stored(store: ObjectStore, path: str, key: str, size: int) -> None:
     """Check a stored file's content (safetensors header; config JSON). Raises ApiError; the caller deletes."""
-    if is_safetensors(path):
-        f = store.open(key)
-        try:
-            check_safetensors(path, f.read, size)
-        finally:
-            f.close()
-        return
-    if path.lower().endswith(".json") and size <= MAX_CONFIG_READ:
-        check_json_file(path, read_all(store, key, MAX_CONFIG_READ + 1))
+    check_content(path, lambda: store.open(key), size)
 
 
 def record_file(db: Session, store: ObjectStore, plan: UploadPlan, result: PutResult) -> ModelFile:

@@ -18,6 +18,7 @@ import struct
 import tempfile
 import unicodedata
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -32,6 +33,8 @@ __all__ = [
     "sanitize_path",
     "check_safetensors",
     "check_json_file",
+    "check_content",
+    "MAX_JSON_READ",
     "max_bytes_for",
     "is_safetensors",
 ]
@@ -44,6 +47,7 @@ PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", 
 ALLOWED_SUFFIXES = frozenset({".safetensors", ".json", ".txt", ".model", ".jinja", ".tiktoken", ".md"})
 MAX_AUX_BYTES = 64 << 20  # non-weight files (same bound as codec.source)
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound
+MAX_JSON_READ = 16 << 20  # JSON files up to this size are parsed when they arrive (finalize rereads config.json)
 # JSON files whose content matters to loading; parsed and checked (others only need to be JSON text).
 _CONFIG_FILES = {"config.json", "tokenizer_config.json", "generation_config.json", "preprocessor_config.json",
                  "processor_config.json", "model.safetensors.index.json"}
@@ -159,6 +163,17 @@ def check_safetensors(name: str, read: Reader, file_size: int) -> None:
         if dtype not in ST_DTYPES:
             raise bad(f"tensor {tname!r} has dtype {dtype}; accepted: {', '.join(sorted(ST_DTYPES))}",
                       {"tensor": tname, "dtype": dtype})
+
+
+def check_content(path: str, open_: Callable[[], Any], size: int) -> None:
+    """A file's content as it arrives (upload or Hub import): the safetensors header, or the JSON of a .json
+    file. `open_()` gives a binary readable of the file's bytes; ApiError when refused."""
+    if is_safetensors(path):
+        with closing(open_()) as f:
+            check_safetensors(path, f.read, size)
+    elif path.lower().endswith(".json") and size <= MAX_JSON_READ:
+        with closing(open_()) as f:
+            check_json_file(path, f.read(MAX_JSON_READ + 1))
 
 
 def _find_remote_code(obj: Any) -> str | None:
