@@ -31,7 +31,7 @@ from api.errors import ApiError
 from api.logs import bound
 from api.schemas.models import HubImport
 from api.services import keys
-from api.services.models import check_directory, discard
+from api.services.models import check_directory, discard_prefix
 from api.services.usage import storage_used, tenant_limits
 from api.services.validation import (
     MAX_JSON_READ,
@@ -162,7 +162,6 @@ def run_import(
     """The background part: download, validate, store, one file at a time; ready or failed at the end."""
     from huggingface_hub import hf_hub_download
 
-    stored: list[str] = []
     tmp = Path(tempfile.mkdtemp(prefix="import-", dir=tmp_root))
     with bound(tenant_id=tenant_id, model_id=model_id):
         log.info("hub import started", extra={"hub_id": plan.hub_id, "commit": plan.commit, "files": len(plan.files)})
@@ -176,7 +175,6 @@ def run_import(
                     raise ApiError(413, "upload_too_large", f"{path} is {size} bytes, over the limit of {limit}")
                 check_content(path, partial(local.open, "rb"), size)
                 key = keys.model_file_key(tenant_id, model_id, f"hub/{path}")
-                stored.append(key)
                 with local.open("rb") as f:
                     result = store.put_stream(key, f, max_bytes=limit)
                 local.unlink()
@@ -198,11 +196,11 @@ def run_import(
             log.info("hub import finished", extra={"hub_id": plan.hub_id})
         except _Gone:
             log.info("model deleted during its import; removing what was stored")
-            _cleanup(store, tenant_id, model_id, stored)
+            discard_prefix(store, keys.model_files_prefix(tenant_id, model_id))
         except Exception as e:
             message = e.message if isinstance(e, ApiError) else f"{type(e).__name__}: {e}"
             log.warning("hub import failed: %s", message)
-            _cleanup(store, tenant_id, model_id, stored)
+            discard_prefix(store, keys.model_files_prefix(tenant_id, model_id))
             with session_factory() as db:
                 m = db.get(Model, model_id)
                 if m is not None:
@@ -218,12 +216,3 @@ def run_import(
 
 class _Gone(Exception):
     pass
-
-
-def _cleanup(store: ObjectStore, tenant_id: str, model_id: str, stored: list[str]) -> None:
-    for key in stored:
-        discard(store, key)
-    try:
-        store.delete_prefix(keys.model_files_prefix(tenant_id, model_id))
-    except Exception:
-        log.exception("could not delete the objects of model %s", model_id)

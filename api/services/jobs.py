@@ -33,7 +33,7 @@ from api.schemas.jobs import EventOut, JobCreate, JobDetail, JobOut, StageOut
 from api.services import keys
 from api.services.calibration import find_calibration
 from api.services.dispatch import Dispatcher, DispatchError
-from api.services.models import discard
+from api.services.models import discard_prefix
 from api.services.pagination import paginate
 from api.services.usage import active_jobs, storage_used, tenant_limits
 from api.storage import ObjectStore
@@ -392,12 +392,6 @@ def delete_job(db: Session, store: ObjectStore, tenant_id: str, job_id: str) -> 
     job = get_job(db, tenant_id, job_id, for_update=True)
     if job.state not in TERMINAL_JOB_STATES:
         raise ApiError(409, "job_active", f"job {job.id} is {job.state}; cancel it before deleting it")
-    art_keys = [a.key for a in job.artifacts]
     db.delete(job)
     db.commit()
-    for key in art_keys:
-        discard(store, key)
-    try:
-        store.delete_prefix(keys.job_prefix(tenant_id, job_id))
-    except Exception:
-        log.exception("could not delete the objects of job %s", job_id)
+    discard_prefix(store, keys.job_prefix(tenant_id, job_id))  # the artifacts live under it (keys.artifact_key)

@@ -75,6 +75,7 @@ __all__ = [
     "validate_stored",
     "record_file",
     "discard",
+    "discard_prefix",
     "delete_file",
     "finalize",
     "delete_model",
@@ -263,6 +264,14 @@ def discard(store: ObjectStore, key: str) -> None:
         log.exception("could not delete %s", key)
 
 
+def discard_prefix(store: ObjectStore, prefix: str) -> None:
+    """Delete every object under `prefix` (a model's or a job's); a failure is logged, never raised."""
+    try:
+        store.delete_prefix(prefix)
+    except Exception:
+        log.exception("could not delete the objects under %s", prefix)
+
+
 def delete_file(db: Session, store: ObjectStore, tenant_id: str, model_id: str, raw_path: str) -> None:
     m = get_model(db, tenant_id, model_id, for_update=True)
     row = db.scalars(select(ModelFile).where(ModelFile.model_id == m.id, ModelFile.path == raw_path)).one_or_none()
@@ -332,10 +341,7 @@ def delete_model(db: Session, store: ObjectStore, tenant_id: str, model_id: str)
             store.abort_multipart(marker["key"], marker["store_upload_id"])
         except Exception:
             log.exception("could not abort upload %s", obj.key)
-    try:
-        store.delete_prefix(keys.model_prefix(tenant_id, model_id))
-    except Exception:
-        log.exception("could not delete the objects of model %s", model_id)
+    discard_prefix(store, keys.model_prefix(tenant_id, model_id))
 
 
 # ----------------------------------------------------------------------------- multipart upload
