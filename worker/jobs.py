@@ -12,7 +12,7 @@ never only on the local disk, so a redelivered job resumes on any worker:
     tenants/<tenant>/jobs/<job>/dense/<file>           the decoded dense model (if "dense" in outputs)
     tenants/<tenant>/jobs/<job>/report.json            compression report + verification
 
-A stage whose state file exists is skipped (its outputs are downloaded again if a later stage needs them);
+A stage whose state file exists is skipped (a skipped compression downloads the bundle again, for verify);
 compression restores the stored checkpoints into OUT/.nwc-work before it starts, and uploads each new
 checkpoint as the codec reports it (on_checkpoint), so a worker SIGKILLed mid-job loses at most the unit it
 was working on, and the resumed run writes a byte-identical bundle.
@@ -54,7 +54,9 @@ __all__ = ["run_job", "JobFailed", "STAGES", "STAGE_WEIGHTS"]
 log = logging.getLogger(__name__)
 
 STAGES = ("fetch", "plan", "compress", "verify", "publish")
-# Share of the job's progress bar per stage (measured roughly on SmolLM2: compression dominates).
+# Share of the job's progress bar per stage: estimates, not measurements (on the 3-block test model of
+# tests/test_worker.py verification takes longer than compression; compression is expected to dominate on
+# full-size models).
 STAGE_WEIGHTS = {"fetch": 0.05, "plan": 0.02, "compress": 0.70, "verify": 0.18, "publish": 0.05}
 # Within compression, the codec's own phases (codec.progress.Progress.stage).
 _COMPRESS_PHASES = {"plan": (0.0, 0.3), "allocate": (0.3, 0.45), "compress": (0.45, 1.0)}
