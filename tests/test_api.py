@@ -443,6 +443,39 @@ def test_job_progress_stages_and_metrics(server: ApiServer) -> None:  # noqa: F8
     assert 'nwc_job_stage_duration_seconds_count{stage="fetch"}' in metrics
 
 
+def test_calibration_texts(server: ApiServer) -> None:  # noqa: F811
+    t = server.new_tenant(max_storage_bytes=sum(len(v) for v in tiny_model_files().values()) + 200)
+    c = server.client(t.token)
+    url = "/v1/calibration-texts"
+    r = c.post(url, params={"name": "notes.md"}, content=b"text")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_calibration_name"
+    r = c.post(url, params={"name": "bad.jsonl"}, content=b'{"text": "ok"}\n{"txt": "no"}\n')
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_calibration_text"
+    assert "line 2" in r.json()["error"]["message"]
+    r = c.post(url, params={"name": "bad.txt"}, content=b"\xff\xfe not utf-8")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_calibration_text"
+    assert server.objects(t.id) == []
+    mid = server.ready_model(t)
+    # the quota leaves 200 bytes: a longer body is refused as it streams (no Content-Length), nothing kept
+    r = c.post(url, params={"name": "big.txt"}, content=iter([b"x" * 150, b"y" * 150]))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "storage_quota_exceeded"
+    assert r.json()["error"]["detail"] == {"max_bytes": 200}
+    assert not [k for k in server.objects(t.id) if "/calibration/" in k]
+    data = b'{"text": "one"}\n\n{"text": "two"}\n'
+    r = c.post(url, params={"name": "good.jsonl"}, content=data)
+    assert r.status_code == 201, r.text
+    cal = r.json()
+    assert (cal["name"], cal["size"], cal["sha256"]) == ("good.jsonl", len(data), hashlib.sha256(data).hexdigest())
+    assert c.get(url).json() == [{**cal, "sha256": None}]  # listed from the store, which keeps no digest
+    jid = c.post("/v1/jobs", json={"model_id": mid, "target_bits": 4, "method": "gptq",
+                                   "calibration": cal["id"]}).json()["id"]
+    r = c.delete(f"{url}/{cal['id']}")
+    assert r.status_code == 409 and r.json()["error"]["detail"] == {"job_ids": [jid]}
+    c.post(f"/v1/jobs/{jid}/cancel")
+    assert c.delete(f"{url}/{cal['id']}").status_code == 204
+    assert c.get(f"{url}/{cal['id']}").status_code == 404
+
+
 # ----------------------------------------------------------------------------- artifacts, presigned URLs
 
 

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Annotated
 
-import anyio.to_thread
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
 
 from api.db.models import Job
 from api.deps import DbDep, PrincipalDep, ResourcesDep
 from api.errors import ApiError, error_responses
-from api.routes.models import DRAIN_LIMIT, RAW_BODY, content_length
+from api.routes.models import RAW_BODY
 from api.schemas.jobs import CalibrationOut
 from api.services import calibration as svc
 from api.services import keys
 from api.services.models import discard
-from api.services.streams import SyncBody
-from api.services.usage import ACTIVE_JOB_STATES, storage_used, tenant_limits
-from api.storage import ObjectTooLarge
+from api.services.streams import content_length, receive_body
+from api.services.usage import ACTIVE_JOB_STATES, storage_left
 
 router = APIRouter(prefix="/v1/calibration-texts", tags=["calibration"])
 
@@ -38,9 +34,7 @@ async def upload_calibration(
 ) -> CalibrationOut:
     svc.check_name(name)
     store = res.store
-    limits = await run_in_threadpool(tenant_limits, db, res.settings, principal.tenant_id)
-    used = await run_in_threadpool(storage_used, db, store, principal.tenant_id)
-    quota_left = limits.max_storage_bytes - used
+    quota_left = await run_in_threadpool(storage_left, db, store, res.settings, principal.tenant_id)
     max_bytes = min(svc.MAX_CALIBRATION_BYTES, quota_left)
     too_large = ApiError(413, "upload_too_large" if max_bytes == svc.MAX_CALIBRATION_BYTES
                          else "storage_quota_exceeded", f"{name}: over the limit of {max(max_bytes, 0)} bytes",
@@ -50,15 +44,7 @@ async def upload_calibration(
         raise too_large
     cal_id = svc.new_calibration_id()
     key = keys.calibration_key(principal.tenant_id, cal_id, name)
-    body = SyncBody(request.stream())
-    try:
-        result = await anyio.to_thread.run_sync(partial(store.put_stream, key, body, max_bytes=max_bytes))
-    except ObjectTooLarge:
-        if not await body.drain(DRAIN_LIMIT):
-            too_large.headers = {"Connection": "close"}
-        raise too_large from None
-    except ClientDisconnect:
-        raise ApiError(400, "client_disconnected", "the upload was interrupted; nothing was stored") from None
+    result = await receive_body(request, store, key, max_bytes, too_large)
     try:
         await run_in_threadpool(svc.check_text, store, key, name)
     except BaseException:

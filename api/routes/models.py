@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Annotated, Literal
 
-import anyio.to_thread
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
 
 from api.deps import DbDep, PrincipalDep, ResourcesDep
-from api.errors import ApiError, error_responses
+from api.errors import error_responses
 from api.logs import bind
 from api.schemas.common import Page
 from api.schemas.models import (
@@ -29,13 +26,9 @@ from api.schemas.models import (
 from api.services import hub
 from api.services import models as svc
 from api.services.pagination import DEFAULT_LIMIT, MAX_LIMIT
-from api.services.streams import SyncBody
-from api.storage import ObjectTooLarge
+from api.services.streams import content_length, receive_body
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
-
-# Bytes of an over-limit body we still read (and drop) so the client gets to read the 413.
-DRAIN_LIMIT = 64 << 20
 
 RAW_BODY = {
     "requestBody": {
@@ -44,15 +37,6 @@ RAW_BODY = {
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
-
-
-def content_length(request: Request) -> int | None:
-    raw = request.headers.get("content-length")
-    if raw is None:
-        return None
-    if not raw.isdigit():
-        raise ApiError(400, "bad_request", "invalid Content-Length header")
-    return int(raw)
 
 
 @router.post("", status_code=201, response_model=ModelOut, responses=error_responses(401, 422),
@@ -128,17 +112,7 @@ async def upload_file(
     store = res.store
     plan = await run_in_threadpool(svc.plan_upload, db, store, res.settings, principal.tenant_id, model_id, path,
                                    content_length(request))
-    body = SyncBody(request.stream())
-    try:
-        result = await anyio.to_thread.run_sync(partial(store.put_stream, plan.key, body, max_bytes=plan.max_bytes))
-    except ObjectTooLarge:
-        drained = await body.drain(DRAIN_LIMIT)
-        err = plan.too_large()
-        if not drained:
-            err.headers = {"Connection": "close"}
-        raise err from None
-    except ClientDisconnect:
-        raise ApiError(400, "client_disconnected", "the upload was interrupted; nothing was stored") from None
+    result = await receive_body(request, store, plan.key, plan.max_bytes, plan.too_large())
     try:
         await run_in_threadpool(svc.validate_stored, store, plan.path, plan.key, result.size)
         row = await run_in_threadpool(svc.record_file, db, store, plan, result)

@@ -32,7 +32,7 @@ from api.logs import bound
 from api.schemas.models import HubImport
 from api.services import keys
 from api.services.models import check_directory, discard_prefix
-from api.services.usage import storage_used, tenant_limits
+from api.services.usage import storage_left
 from api.services.validation import (
     MAX_JSON_READ,
     PICKLE_SUFFIXES,
@@ -144,7 +144,7 @@ def plan_import(db: Session, store: ObjectStore, settings: Settings, tenant_id: 
             raise ApiError(413, "upload_too_large", f"{body.hub_id}: {path} is {size} bytes, over the limit of "
                            f"{max_bytes_for(path, settings.upload_max_bytes)}")
     total = sum(s or 0 for _, s in files)
-    remaining = tenant_limits(db, settings, tenant_id).max_storage_bytes - storage_used(db, store, tenant_id)
+    remaining = storage_left(db, store, settings, tenant_id)
     if total > remaining:
         raise ApiError(413, "storage_quota_exceeded", f"{body.hub_id} needs {total} bytes; the tenant's storage "
                        f"quota leaves {max(remaining, 0)}", {"needed": total, "available": max(remaining, 0)})

@@ -41,7 +41,7 @@ from api.schemas.models import (
 )
 from api.services import keys
 from api.services.pagination import paginate
-from api.services.usage import storage_used, tenant_limits
+from api.services.usage import storage_left
 from api.services.validation import (
     MAX_AUX_BYTES,
     check_content,
@@ -214,7 +214,7 @@ def plan_upload(
     _require_uploading(m)
     path = sanitize_path(raw_path)
     size_limit = max_bytes_for(path, settings.upload_max_bytes)
-    remaining = tenant_limits(db, settings, tenant_id).max_storage_bytes - storage_used(db, store, tenant_id)
+    remaining = storage_left(db, store, settings, tenant_id)
     limited_by, max_bytes = ("size", size_limit) if size_limit <= remaining else ("quota", max(remaining, 0))
     plan = UploadPlan(tenant_id, model_id, path, _new_key(tenant_id, model_id, path), max_bytes, limited_by)
     if max_bytes <= 0 or (declared_size is not None and declared_size > max_bytes):

@@ -8,10 +8,43 @@ and uvicorn's flow control stops reading the socket while we are not asking for 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 
 import anyio.from_thread
+import anyio.to_thread
+from starlette.requests import ClientDisconnect, Request
 
-__all__ = ["SyncBody"]
+from api.errors import ApiError
+from api.storage import ObjectStore, ObjectTooLarge, PutResult
+
+__all__ = ["SyncBody", "content_length", "receive_body", "DRAIN_LIMIT"]
+
+# Bytes of an over-limit body we still read (and drop) so the client gets to read the 413.
+DRAIN_LIMIT = 64 << 20
+
+
+def content_length(request: Request) -> int | None:
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise ApiError(400, "bad_request", "invalid Content-Length header")
+    return int(raw)
+
+
+async def receive_body(request: Request, store: ObjectStore, key: str, max_bytes: int, too_large: ApiError
+                       ) -> PutResult:
+    """Stream the request body to `key`. Past `max_bytes`: `too_large` (after reading what is left, up to
+    DRAIN_LIMIT, else with Connection: close); a client that goes away: 400. Either way nothing is stored."""
+    body = SyncBody(request.stream())
+    try:
+        return await anyio.to_thread.run_sync(partial(store.put_stream, key, body, max_bytes=max_bytes))
+    except ObjectTooLarge:
+        if not await body.drain(DRAIN_LIMIT):
+            too_large.headers = {"Connection": "close"}
+        raise too_large from None
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the upload was interrupted; nothing was stored") from None
 
 
 class SyncBody:

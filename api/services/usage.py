@@ -12,7 +12,7 @@ from api.db.models import Artifact, Job, JobState, Model, ModelFile, Tenant
 from api.services import keys
 from api.storage import ObjectStore
 
-__all__ = ["Limits", "tenant_limits", "storage_used", "active_jobs", "ACTIVE_JOB_STATES"]
+__all__ = ["Limits", "tenant_limits", "storage_used", "storage_left", "active_jobs", "ACTIVE_JOB_STATES"]
 
 ACTIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING)
 
@@ -41,6 +41,11 @@ def storage_used(db: Session, store: ObjectStore, tenant_id: str) -> int:
     arts = db.scalar(select(func.coalesce(func.sum(Artifact.size), 0)).where(Artifact.tenant_id == tenant_id))
     calib = sum(o.size for o in store.list_objects(keys.calibration_prefix(tenant_id)))
     return int(files or 0) + int(arts or 0) + calib
+
+
+def storage_left(db: Session, store: ObjectStore, settings: Settings, tenant_id: str) -> int:
+    """Bytes the tenant may still store under its quota (negative once over it)."""
+    return tenant_limits(db, settings, tenant_id).max_storage_bytes - storage_used(db, store, tenant_id)
 
 
 def active_jobs(db: Session, tenant_id: str) -> int:
