@@ -28,6 +28,8 @@ from pydantic import BaseModel, TypeAdapter
 from api.schemas.common import Page
 from api.schemas.jobs import ArtifactOut, CalibrationOut, EventOut, JobCreate, JobDetail, JobOut
 from api.schemas.models import (
+    MODEL_FILE_SUFFIXES,
+    PICKLE_SUFFIXES,
     HubImport,
     ModelCreate,
     ModelDetail,
@@ -42,15 +44,11 @@ __all__ = [
     "ApiError",
     "ChecksumError",
     "TERMINAL_STATES",
-    "UPLOAD_SUFFIXES",
     "model_files",
 ]
 
 T = TypeVar("T", bound=BaseModel)
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-# What upload_model_dir sends (the server refuses anything else, and pickle files outright).
-UPLOAD_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".tiktoken")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 CHUNK = 1 << 20
 DEFAULT_MULTIPART_THRESHOLD = 256 << 20
 PART_RETRIES = 4
@@ -80,7 +78,7 @@ def model_files(directory: Path) -> list[tuple[str, Path]]:
         rel = p.relative_to(directory)
         if not p.is_file() or any(part.startswith(".") for part in rel.parts):
             continue
-        if p.suffix.lower() in UPLOAD_SUFFIXES:
+        if p.suffix.lower() in MODEL_FILE_SUFFIXES:
             out.append((rel.as_posix(), p))
     return out
 

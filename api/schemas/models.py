@@ -21,9 +21,19 @@ __all__ = [
     "CompletedPartIn",
     "UploadComplete",
     "ModelStateName",
+    "MODEL_FILE_SUFFIXES",
+    "ALLOWED_SUFFIXES",
+    "PICKLE_SUFFIXES",
 ]
 
 ModelStateName = Literal["uploading", "importing", "ready", "failed"]
+
+# The files of a model directory that uploads (api.client) and Hub imports send: weights, JSON configs,
+# tokenizer files, chat templates. The server also accepts a model card (.md), and refuses pickle-based
+# checkpoints (they run arbitrary code when loaded) by name, before a byte is read.
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".tiktoken")
+ALLOWED_SUFFIXES = frozenset({*MODEL_FILE_SUFFIXES, ".md"})
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"})
 
 _FILE_EXAMPLE = {
     "path": "model.safetensors",

@@ -29,13 +29,12 @@ from api.db.models import Model, ModelFile, ModelSource, ModelState
 from api.db.types import utcnow
 from api.errors import ApiError
 from api.logs import bound
-from api.schemas.models import HubImport
+from api.schemas.models import MODEL_FILE_SUFFIXES, PICKLE_SUFFIXES, HubImport
 from api.services import keys
 from api.services.models import check_directory, discard_prefix
 from api.services.usage import storage_left
 from api.services.validation import (
     MAX_JSON_READ,
-    PICKLE_SUFFIXES,
     check_content,
     check_json_file,
     is_safetensors,
@@ -44,12 +43,9 @@ from api.services.validation import (
 )
 from api.storage import ObjectStore
 
-__all__ = ["ImportPlan", "plan_import", "run_import", "IMPORT_SUFFIXES"]
+__all__ = ["ImportPlan", "plan_import", "run_import"]
 
 log = logging.getLogger("nwc.api.hub")
-
-# What an import takes from a repo: weights, JSON configs, tokenizer files, chat templates.
-IMPORT_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".tiktoken")
 
 
 @dataclass
@@ -111,7 +107,7 @@ def plan_import(db: Session, store: ObjectStore, settings: Settings, tenant_id: 
     siblings = [(s.rfilename, s.size) for s in (info.siblings or [])]
     files: list[tuple[str, int | None]] = []
     for name, size in siblings:
-        if not name.lower().endswith(IMPORT_SUFFIXES) or name.rsplit("/", 1)[-1].startswith("."):
+        if not name.lower().endswith(MODEL_FILE_SUFFIXES) or name.rsplit("/", 1)[-1].startswith("."):
             continue
         try:
             files.append((sanitize_path(name), size))

@@ -23,11 +23,10 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from api.errors import ApiError
+from api.schemas.models import ALLOWED_SUFFIXES, PICKLE_SUFFIXES
 
 __all__ = [
     "ST_DTYPES",
-    "PICKLE_SUFFIXES",
-    "ALLOWED_SUFFIXES",
     "MAX_AUX_BYTES",
     "MAX_HEADER_BYTES",
     "sanitize_path",
@@ -41,10 +40,6 @@ __all__ = [
 
 # Exactly the dtypes the codec reads (codec.source.ST_DTYPES, which imports torch; a test keeps them equal).
 ST_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"})
-# Pickle-based checkpoints run arbitrary code when loaded; refused by name before a byte is read.
-PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"})
-# What a model directory may hold: weights (safetensors), configs and tokenizer files, a model card.
-ALLOWED_SUFFIXES = frozenset({".safetensors", ".json", ".txt", ".model", ".jinja", ".tiktoken", ".md"})
 MAX_AUX_BYTES = 64 << 20  # non-weight files (same bound as codec.source)
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound
 MAX_JSON_READ = 16 << 20  # JSON files up to this size are parsed when they arrive (finalize rereads config.json)
