@@ -53,7 +53,7 @@ class Resources:
         self.settings = settings
         if store is not None:
             self.__dict__["store"] = store
-        self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else WorkerDispatcher()
+        self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else WorkerDispatcher(settings)
         self._last_used: dict[str, float] = {}
         self._lock = threading.Lock()
 

@@ -53,7 +53,7 @@ class _DbCollector:
             yield jobs
         except Exception as e:
             log.warning("metrics: database unavailable: %s", e)
-        depth = queue_depth()
+        depth = queue_depth(res.settings)
         if depth is not None:
             g = GaugeMetricFamily("nwc_queue_depth", "Messages waiting in the broker, per queue", labels=["queue"])
             for name, n in sorted(depth.items()):

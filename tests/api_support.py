@@ -199,22 +199,6 @@ def start_server(tmp: Path, backend: str, request: pytest.FixtureRequest | None 
     return ApiServer(backend, base_url, settings, app, dispatcher, srv, thread)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _worker_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The worker's Celery app (imported lazily by /readyz and /metrics) reads NWC_DATA_DIR: keep it in a temp dir."""
-    old = os.environ.get("NWC_DATA_DIR")
-    os.environ["NWC_DATA_DIR"] = str(tmp_path_factory.mktemp("nwc-env"))
-    from api.core.config import get_settings
-
-    get_settings.cache_clear()
-    yield
-    if old is None:
-        os.environ.pop("NWC_DATA_DIR", None)
-    else:
-        os.environ["NWC_DATA_DIR"] = old
-    get_settings.cache_clear()
-
-
 @pytest.fixture(scope="module", params=BACKENDS)
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     srv = start_server(tmp_path_factory.mktemp(request.param), request.param, request)

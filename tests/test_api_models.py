@@ -14,7 +14,6 @@ import pytest
 from api_support import (  # noqa: F401  (pytest fixtures)
     ApiServer,
     MiB,
-    _worker_data_dir,
     postgres_server,
     raw_safetensors,
     s3_config,

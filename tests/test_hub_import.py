@@ -19,7 +19,6 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from api_support import (  # noqa: F401  (pytest fixtures)
     ApiServer,
-    _worker_data_dir,
     postgres_server,
     raw_safetensors,
     s3_config,

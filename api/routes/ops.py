@@ -37,7 +37,7 @@ def readyz(res: ResourcesDep) -> JSONResponse:
     checks: dict[str, Any] = {}
     for name, (status, detail) in (
         ("database", health.check_database(res.engine)),
-        ("broker", health.check_broker()),
+        ("broker", health.check_broker(res.settings)),
         ("store", health.check_store(res.store)),
     ):
         checks[name] = {"status": status} | ({"detail": detail} if detail else {})

@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 from typing import Protocol, runtime_checkable
 
+from api.core.config import Settings
+
 __all__ = ["Dispatcher", "DispatchError", "WorkerDispatcher", "RecordingDispatcher"]
 
 
@@ -24,27 +26,26 @@ class Dispatcher(Protocol):
 
 
 class WorkerDispatcher:
-    """worker.dispatch.enqueue_job / cancel_job, imported on first use."""
+    """worker.dispatch.enqueue_job / cancel_job with the app's settings (broker, database), imported on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
 
     def enqueue(self, job_id: str) -> None:
-        try:
-            from worker.dispatch import enqueue_job
-        except ImportError as e:
-            raise DispatchError(f"the worker package is not installed ({e})") from e
-        try:
-            enqueue_job(job_id)
-        except Exception as e:  # broker down, misconfigured, ...
-            raise DispatchError(f"could not enqueue job {job_id}: {e}") from e
+        self._call("enqueue_job", job_id)
 
     def cancel(self, job_id: str) -> None:
+        self._call("cancel_job", job_id)
+
+    def _call(self, name: str, job_id: str) -> None:
         try:
-            from worker.dispatch import cancel_job
+            import worker.dispatch
         except ImportError as e:
             raise DispatchError(f"the worker package is not installed ({e})") from e
         try:
-            cancel_job(job_id)
-        except Exception as e:
-            raise DispatchError(f"could not cancel job {job_id}: {e}") from e
+            getattr(worker.dispatch, name)(job_id, settings=self.settings)
+        except Exception as e:  # broker down, misconfigured, ...
+            raise DispatchError(f"{name}({job_id}) failed: {e}") from e
 
 
 class RecordingDispatcher:

@@ -1,7 +1,8 @@
 """Readiness checks (database, broker, object store) and the broker's queue depth.
 
-The broker is reached through the worker's Celery app, imported lazily: without the worker
-package its status is "unknown" (not a failure), so the API can run and be probed on its own.
+The broker is reached through the worker's Celery app for the API's own settings
+(worker.dispatch.get_celery, imported lazily): without the worker package its status is
+"unknown" (not a failure), so the API can run and be probed on its own.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import text
 
+from api.core.config import Settings
 from api.storage import StoreError
 
 __all__ = ["check_database", "check_store", "check_broker", "queue_depth", "celery_app"]
@@ -19,17 +21,14 @@ log = logging.getLogger("nwc.api.health")
 _TIMEOUT_S = 2.0
 
 
-def celery_app() -> Any | None:
-    """The worker's Celery app, or None when the worker package is absent."""
+def celery_app(settings: Settings) -> Any | None:
+    """The Celery app the workers of these settings listen on, or None when the worker package is absent."""
     try:
-        import worker.celery_app as mod
+        from worker.dispatch import get_celery
+
+        return get_celery(settings)
     except ImportError:
         return None
-    for name in ("app", "celery_app", "celery"):
-        obj = getattr(mod, name, None)
-        if obj is not None and hasattr(obj, "connection_for_read"):
-            return obj
-    return None
 
 
 def check_database(engine: Any) -> tuple[str, str | None]:
@@ -51,8 +50,8 @@ def check_store(store: Any) -> tuple[str, str | None]:
         return "error", f"{type(e).__name__}: {e}"
 
 
-def check_broker() -> tuple[str, str | None]:
-    app = celery_app()
+def check_broker(settings: Settings) -> tuple[str, str | None]:
+    app = celery_app(settings)
     if app is None:
         return "unknown", "worker package not installed; broker not checked"
     try:
@@ -63,9 +62,9 @@ def check_broker() -> tuple[str, str | None]:
         return "error", f"{type(e).__name__}: {e}"
 
 
-def queue_depth() -> dict[str, int] | None:
+def queue_depth(settings: Settings) -> dict[str, int] | None:
     """Messages waiting per queue (Redis: LLEN; filesystem transport: files), None when it cannot be asked."""
-    app = celery_app()
+    app = celery_app(settings)
     if app is None:
         return None
     try:
