@@ -376,13 +376,12 @@ def run_one(backend: str, seconds: float, upload_bytes: int) -> dict[str, Any]:
     server = None
     try:
         if backend == "postgres":
-            from services import PostgresServer, create_database
+            from services import PostgresServer
 
             os.chmod(tmp, 0o755)  # the postgres user (as root we run the server as it) must reach its directory
             pg = PostgresServer(tmp)
             pg.start()
-            create_database(pg.admin_url, "bench")
-            database_url = pg.url("bench")
+            database_url = pg.new_database("bench")
         else:
             database_url = f"sqlite:///{tmp / 'data' / 'nwc.db'}"
         (tmp / "data").mkdir(exist_ok=True)

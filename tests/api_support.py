@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import uvicorn
 from safetensors.numpy import save as st_save
-from services import S3Config, create_database, free_ports, postgres_server, s3_config  # noqa: F401
+from services import S3Config, free_ports, postgres_server, s3_config  # noqa: F401
 
 from api import admin
 from api.core.config import Settings
@@ -122,8 +122,6 @@ class ApiServer:
     def finish_job(self, tenant: Tenant, job_id: str, artifacts: dict[str, tuple[str, bytes]] | None = None,
                    state: JobState = JobState.SUCCEEDED) -> None:
         """Do what the worker does at the end of a job: stage events, artifact objects and rows, final state."""
-        import hashlib
-
         artifacts = artifacts if artifacts is not None else {
             "bundle/model.nwc": ("bundle", b"NWC0" + os.urandom(3000)),
             "report.json": ("report", json.dumps({"measured_bits": 4.01, "ppl": {"original": 12.3}}).encode()),
@@ -143,7 +141,7 @@ class ApiServer:
                 key = keys.artifact_key(tenant.id, job_id, name)
                 r = self.store.put_stream(key, data)
                 s.add(Artifact(tenant_id=tenant.id, job_id=job_id, kind=ArtifactKind(kind), name=name, key=key,
-                               size=r.size, sha256=hashlib.sha256(data).hexdigest()))
+                               size=r.size, sha256=r.sha256))
             job.state = state
             job.stage = "publish"
             job.progress = 1.0 if state == JobState.SUCCEEDED else job.progress
@@ -166,25 +164,17 @@ def start_server(tmp: Path, backend: str, request: pytest.FixtureRequest | None 
     base_url = f"http://127.0.0.1:{port}"
     cfg: dict[str, Any] = dict(data_dir=tmp / "data", public_url=base_url,
                                secret_key="test-secret-0123456789")
+    store: S3Store | None = None
     if backend == "postgres-s3":
         assert request is not None
         pg = request.getfixturevalue("postgres_server")
         s3: S3Config = request.getfixturevalue("s3_config")
-        name = f"api_{uuid.uuid4().hex[:12]}"
-        create_database(pg.admin_url, name)
-        cfg |= dict(database_url=pg.url(name), store_backend="s3", s3_endpoint_url=s3.endpoint_url,
-                    s3_access_key=s3.access_key, s3_secret_key=s3.secret_key, s3_bucket=s3.bucket,
-                    s3_region=s3.region)
+        cfg |= dict(database_url=pg.new_database("api"), **s3.settings())
+        # Smallest legal part size, so the store's own multipart paths run with a few MiB.
+        store = s3.store(part_size=5 * MiB)
     cfg |= overrides
     settings = Settings(**cfg)
     dispatcher = RecordingDispatcher()
-    store = None
-    if backend == "postgres-s3":
-        # Smallest legal part size, so the store's own multipart paths run with a few MiB.
-        store = S3Store(settings.s3_bucket, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
-                        access_key=settings.s3_access_key.get_secret_value(),  # type: ignore[union-attr]
-                        secret_key=settings.s3_secret_key.get_secret_value(),  # type: ignore[union-attr]
-                        part_size=5 * MiB)
     app = create_app(settings, dispatcher=dispatcher, store=store, migrate=True)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
                             lifespan="on")

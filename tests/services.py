@@ -36,7 +36,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -74,6 +74,18 @@ class S3Config:
     secret_key: str
     bucket: str
     region: str = "us-east-1"
+
+    def settings(self) -> dict[str, str]:
+        """Settings fields (as keyword arguments) of a deployment on this S3 server."""
+        return {"store_backend": "s3", "s3_endpoint_url": self.endpoint_url, "s3_access_key": self.access_key,
+                "s3_secret_key": self.secret_key, "s3_bucket": self.bucket, "s3_region": self.region}
+
+    def store(self, **kw: Any) -> S3Store:
+        """An S3Store on this server's bucket (`kw`: e.g. part_size)."""
+        from api.storage import S3Store
+
+        return S3Store(self.bucket, endpoint_url=self.endpoint_url, access_key=self.access_key,
+                       secret_key=self.secret_key, region=self.region, **kw)
 
 
 # ----------------------------------------------------------------------------- process helpers
@@ -177,6 +189,12 @@ class PostgresServer:
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self, prefix: str) -> str:
+        """URL of a new, empty database named `prefix` + a random suffix (tests share one server)."""
+        name = f"{prefix}_{secrets.token_hex(6)}"
+        create_database(self.admin_url, name)
+        return self.url(name)
 
     def _ready(self) -> bool:
         import psycopg
@@ -309,17 +327,10 @@ class SeaweedServer:
         from api.storage import StoreError
 
         try:
-            self._store().ping()
+            self.config.store().ping()
         except StoreError:
             return False
         return True
-
-    def _store(self) -> S3Store:
-        from api.storage import S3Store
-
-        c = self.config
-        return S3Store(c.bucket, endpoint_url=c.endpoint_url, access_key=c.access_key, secret_key=c.secret_key,
-                       region=c.region)
 
     def start(self) -> None:
         (self.dir / "data").mkdir(parents=True)

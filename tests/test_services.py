@@ -38,11 +38,8 @@ def test_redis(redis_url: str) -> None:  # noqa: F811
 
 
 def test_s3(s3_config: S3Config) -> None:  # noqa: F811
-    from api.storage import S3Store
-
     assert s3_config.endpoint_url.startswith("http://127.0.0.1:")
-    S3Store(s3_config.bucket, endpoint_url=s3_config.endpoint_url, access_key=s3_config.access_key,
-            secret_key=s3_config.secret_key).ping()
+    s3_config.store().ping()
 
 
 def test_stop_pid_escalates_to_sigkill() -> None:

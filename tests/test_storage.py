@@ -44,17 +44,10 @@ MiB = 1 << 20
 SECRET = b"test-secret-0123456789abcdef"
 
 
-def _s3(cfg: S3Config, **kw: object) -> S3Store:
-    return S3Store(
-        cfg.bucket, endpoint_url=cfg.endpoint_url, access_key=cfg.access_key, secret_key=cfg.secret_key,
-        region=cfg.region, **kw,  # type: ignore[arg-type]
-    )
-
-
 @pytest.fixture(scope="module")
 def s3_store(s3_config: S3Config) -> S3Store:  # noqa: F811
     # Smallest legal part size, so multipart paths run with a few MiB of test data.
-    return _s3(s3_config, part_size=MIN_PART_SIZE)
+    return s3_config.store(part_size=MIN_PART_SIZE)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -289,7 +282,7 @@ def test_presigned_get_tampered(store: ObjectStore, prefix: str) -> None:
             urlunsplit(parts._replace(path=parts.path.replace("/mine", "/other"))),  # another key, same signature
             urlunsplit(parts._replace(query=query[:sig_at] + _flip(query[sig_at]) + query[sig_at + 1 :])),
             urlunsplit(parts._replace(query=query.replace("X-Amz-Expires=60", "X-Amz-Expires=600"))),
-            _s3(S3Config(store._client.meta.endpoint_url, "wrong", "credentials", store.bucket)).presigned_get(
+            S3Config(store._client.meta.endpoint_url, "wrong", "credentials", store.bucket).store().presigned_get(
                 prefix + "mine", 60
             ),
         ]
@@ -445,17 +438,7 @@ def test_make_store_from_settings(tmp_path: Path, s3_config: S3Config) -> None: 
     local = make_store(Settings(data_dir=tmp_path, public_url="https://nwc.example/", secret_key="k"))
     assert isinstance(local, LocalStore) and local.root == (tmp_path / "objects").resolve()
     assert local.presigned_get("a", 60).startswith("https://nwc.example/v1/store/")
-    s3 = make_store(
-        Settings(
-            data_dir=tmp_path,
-            store_backend="s3",
-            s3_endpoint_url=s3_config.endpoint_url,
-            s3_access_key=s3_config.access_key,
-            s3_secret_key=s3_config.secret_key,
-            s3_bucket=s3_config.bucket,
-            s3_presign_endpoint_url="https://s3.example",
-        )
-    )
+    s3 = make_store(Settings(data_dir=tmp_path, s3_presign_endpoint_url="https://s3.example", **s3_config.settings()))
     assert isinstance(s3, S3Store)
     s3.ping()
     url = s3.presigned_get("a", 60)
