@@ -86,9 +86,9 @@ def _url(world: dict[str, Any], template: str, model_key: str = "model_id") -> s
 
 
 def test_route_inventory() -> None:
-    """The lists above partition the app's routes, so a new route cannot escape the isolation test."""
-    assert set(TENANT_SCOPED) | set(COLLECTION_ROUTES) | set(TOKEN_ROUTES) == set(ROUTES)
-    assert len(TENANT_SCOPED) >= 18
+    """The isolation test is parametrized from the app's own routes, so a new route is covered without editing
+    this file; this guards that derivation (a filter gone wrong would quietly test nothing)."""
+    assert len(TENANT_SCOPED) >= 18 and len(COLLECTION_ROUTES) >= 4 and len(TOKEN_ROUTES) == 2
 
 
 @pytest.mark.parametrize(("method", "template"), TENANT_SCOPED, ids=[f"{m} {p}" for m, p in TENANT_SCOPED])
@@ -103,11 +103,13 @@ def test_tenant_isolation(server: ApiServer, world: dict[str, Any], method: str,
         kw["json"] = body
     elif "/files/" in template and method == "PUT":
         kw["content"] = b"{}"
-    r = cb.request(method, _url(world, template), **kw)
+    url = _url(world, template)
+    r = cb.request(method, url, **kw)
     assert r.status_code == 404, (method, template, r.status_code, r.text)
     assert r.json()["error"]["code"] == "not_found"
-    for v in (world["model_id"], world["job_id"]):
-        assert v not in r.text or "not found" in r.json()["error"]["message"]
+    # Nothing of A's shows through: the answer names no id of A's other than those B put in the URL.
+    others = [v for k, v in world.items() if k.endswith("_id") and v not in url] + [world["tenant"].id]
+    assert not [v for v in others if v in r.text], r.text
     # A still sees its things.
     ca = server.client(world["tenant"].token)
     assert ca.get(f"/v1/models/{world['model_id']}").status_code == 200
@@ -395,7 +397,7 @@ def test_cancel_retry_delete(server: ApiServer) -> None:  # noqa: F811
         assert s.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == jid)) == 0
         assert s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == jid)) == 0
     assert c.delete(f"/v1/models/{mid}").status_code == 204
-    assert server.objects(t.id) == [] or all("/calibration/" in k for k in server.objects(t.id))
+    assert server.objects(t.id) == []
 
 
 def test_failed_job_retry(server: ApiServer) -> None:  # noqa: F811
@@ -510,10 +512,12 @@ def test_presigned_urls_expire(server: ApiServer) -> None:  # noqa: F811
     c = server.client(t.token)
     jid = c.post("/v1/jobs", json={"model_id": server.ready_model(t), "target_bits": 4}).json()["id"]
     server.finish_job(t, jid)
-    url = c.get(f"/v1/jobs/{jid}/artifacts", params={"ttl": 1}).json()[0]["url"]
+    # 3 s, not 1: expiry is counted from the signing time truncated to the second (S3's X-Amz-Date and the
+    # local token alike), so a 1 s URL may have only a few milliseconds left when first used.
+    url = c.get(f"/v1/jobs/{jid}/artifacts", params={"ttl": 3}).json()[0]["url"]
     plain = httpx.Client(timeout=30)
     assert plain.get(url).status_code == 200
-    time.sleep(2.1)
+    time.sleep(3.2)
     r = plain.get(url)
     assert r.status_code == 403, r.text
     if server.backend == "sqlite-local":
@@ -531,12 +535,12 @@ def test_local_store_routes(server: ApiServer) -> None:  # noqa: F811
     store = server.store
     key = "tenants/x/parts-test.bin"
     uid = store.create_multipart(key)
-    url = store.presigned_part_url(key, uid, 1, 1)
+    url = store.presigned_part_url(key, uid, 1, 3)  # 3 s: see test_presigned_urls_expire
     # a part token is not a download token, and vice versa
     assert plain.get(url).status_code == 403
     r = plain.put(url, content=b"abc")
     assert r.status_code == 200 and r.headers["etag"].startswith('"')
-    time.sleep(2.1)
+    time.sleep(3.2)
     r = plain.put(url, content=b"abc")
     assert r.status_code == 403 and r.json()["error"]["code"] == "url_expired"
     store.abort_multipart(key, uid)

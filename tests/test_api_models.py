@@ -365,8 +365,5 @@ def test_real_model_through_the_client(server: ApiServer, minilm_dir: Path, tmp_
     for f in m.files:
         assert f.size == local[f.path].stat().st_size
     st = next(f for f in m.files if f.path == "model.safetensors")
-    h = hashlib.sha256()
     with local["model.safetensors"].open("rb") as fh:
-        while chunk := fh.read(MiB):
-            h.update(chunk)
-    assert st.sha256 == h.hexdigest()
+        assert st.sha256 == hashlib.file_digest(fh, "sha256").hexdigest()
