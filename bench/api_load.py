@@ -266,7 +266,7 @@ def upload_single(server: Server, c: httpx.Client, path: Path) -> dict[str, Any]
             "rss_after": after}
 
 
-def upload_multipart(server: Server, c: httpx.Client, path: Path, part: int = 64 * MiB) -> dict[str, Any]:
+def upload_multipart(server: Server, c: httpx.Client, path: Path) -> dict[str, Any]:
     mid = c.post("/v1/models", json={"name": "big-mp"}).raise_for_status().json()["id"]
     size = path.stat().st_size
     up = c.post(f"/v1/models/{mid}/uploads", json={"path": "model.safetensors", "size": size}).raise_for_status()
@@ -300,16 +300,19 @@ def upload_multipart(server: Server, c: httpx.Client, path: Path, part: int = 64
 def render(results: list[dict[str, Any]], wall: float, cmd: str) -> str:
     first, last = results[0], results[-1]
     la0, la1 = first["load_before"], last["load_after"]
+    cores = os.cpu_count()
+    # A 1-minute load average of 1 or more before the first server starts: other processes had the cores.
+    shared = la0[0] >= 1.0
     lines = [
         "## API load: status polling and upload memory",
         "",
         f"Command: `{cmd}` (wall time {wall / 60:.1f} min).  ",
         f"Date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC.  ",
-        f"Machine: {platform.platform()}, `os.cpu_count()` = {os.cpu_count()}, Python {platform.python_version()}, "
+        f"Machine: {platform.platform()}, `os.cpu_count()` = {cores}, Python {platform.python_version()}, "
         f"uvicorn {first['uvicorn']} ({first['http']}, {first['loop']}), one worker process, local object store. "
         "The load generator runs on the same cores. Load average at start / end: "
-        f"{la0[0]:.1f}, {la0[1]:.1f}, {la0[2]:.1f} / {la1[0]:.1f}, {la1[1]:.1f}, {la1[2]:.1f} (the cores were "
-        "shared with other jobs).",
+        f"{la0[0]:.1f}, {la0[1]:.1f}, {la0[2]:.1f} / {la1[0]:.1f}, {la1[1]:.1f}, {la1[2]:.1f}"
+        + (" (the cores were shared with other jobs)." if shared else "."),
         "",
         f"**Job status polls** — {CLIENTS} concurrent clients, GET /v1/jobs/{{id}} (API-key auth, job + 8 events "
         f"read, stages and metrics computed), {first['seconds']:.0f} s per regime:",
@@ -331,9 +334,9 @@ def render(results: list[dict[str, Any]], wall: float, cmd: str) -> str:
         "requests ahead of it, so latency there is 50 / throughput: it measures capacity, not the poll path. "
         "Server CPU per request is the API process's CPU time over the phase divided by its requests; it grows "
         "when the cores are contended (cache misses, preemption), and the latencies grow far more: the load "
-        "generator, the API, PostgreSQL (when used) and other people's jobs all ran on the same 2 cores. A poll "
-        "makes 4 queries (API key, job, events, artifact count) plus, on PostgreSQL, the pool's pre-ping and the "
-        "rollback when the connection returns to the pool.",
+        "generator, the API, PostgreSQL (when used)" + (" and other people's jobs" if shared else "")
+        + f" all ran on the same {cores} cores. A poll makes 4 queries (API key, job, events, artifact count) plus, "
+        "on PostgreSQL, the pool's pre-ping and the rollback when the connection returns to the pool.",
         "",
         f"**Upload memory** — a {first['upload_bytes'] / GiB:.2f} GiB safetensors file streamed to the server; RSS "
         "of the API process sampled every 20 ms:",
@@ -389,7 +392,8 @@ def run_one(backend: str, seconds: float, upload_bytes: int) -> dict[str, Any]:
         server = start_server(tmp / "data", database_url)
         res: dict[str, Any] = {"uvicorn": uvicorn.__version__, "http": _which("httptools", "h11"),
                                "loop": _which("uvloop", "asyncio loop"),
-                               "database": "PostgreSQL 15" if pg else "SQLite (WAL)", "seconds": seconds,
+                               "database": f"PostgreSQL {pg.bin.parent.name}" if pg else "SQLite (WAL)",
+                               "seconds": seconds,
                                "load_before": os.getloadavg(), "upload_bytes": upload_bytes}
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
             job_id = running_job(c, database_url)
@@ -447,7 +451,8 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2, default=str))
-    cmd = ".venv/bin/python -m bench.api_load" + (f" --backends {args.backends}" if args.backends else "")
+    cmd = ".venv/bin/python -m bench.api_load" + (f" --backends {args.backends}" if args.backends else "") + (
+        f" --seconds {args.seconds:g}" if args.seconds else "")
     body = render(results, time.time() - t_start, cmd)
     print(body)
     if not args.quick:
