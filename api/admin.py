@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.auth import issue_api_key
+from api.core.config import GiB
 from api.db.models import ApiKey, Tenant
 from api.db.types import utcnow
 
@@ -153,6 +154,10 @@ def _session() -> Iterator[Session]:
         engine.dispose()
 
 
+def _gib_to_bytes(gib: float | None) -> int | None:
+    return None if gib is None else int(gib * GiB)
+
+
 def _fmt(ts: datetime | None) -> str:
     return ts.strftime("%Y-%m-%d %H:%M") if ts else "-"
 
@@ -166,7 +171,7 @@ def create_tenant_cmd(
     """Create a tenant; prints its id."""
     with _session() as db:
         t = create_tenant(db, name, max_concurrent_jobs=max_concurrent_jobs,
-                          max_storage_bytes=None if max_storage_gb is None else int(max_storage_gb * (1 << 30)))
+                          max_storage_bytes=_gib_to_bytes(max_storage_gb))
         typer.echo(t.id)
 
 
@@ -223,4 +228,4 @@ def set_limits_cmd(
     """Set (or reset to the defaults) a tenant's limits."""
     with _session() as db:
         set_limits(db, tenant, max_concurrent_jobs=max_concurrent_jobs,
-                   max_storage_bytes=None if max_storage_gb is None else int(max_storage_gb * (1 << 30)))
+                   max_storage_bytes=_gib_to_bytes(max_storage_gb))

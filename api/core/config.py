@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = ["Settings", "get_settings", "default_data_dir"]
 
 GiB = 1 << 30
-# SigV4 presigned URLs cannot live longer than 7 days (api.storage uses the same bound).
+# SigV4 presigned URLs cannot live longer than 7 days; the local store's URLs (api.storage) keep the same bound.
 MAX_PRESIGN_TTL = 7 * 24 * 3600
 
 

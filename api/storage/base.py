@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 from urllib.parse import quote
 
+from api.core.config import MAX_PRESIGN_TTL
+
 __all__ = [
     "StoreError",
     "ObjectNotFound",
@@ -52,7 +54,6 @@ MIN_PART_SIZE = 5 * 1024 * 1024  # S3: every part except the last
 MAX_PART_SIZE = 5 * 1024 * 1024 * 1024
 MAX_PART_NUMBER = 10_000
 MAX_KEY_BYTES = 1024
-MAX_PRESIGN_TTL = 7 * 24 * 3600  # the SigV4 bound; the local store uses the same
 CHUNK = 1 << 20  # streaming granularity: nothing larger than this (or one S3 part) sits in memory
 
 
