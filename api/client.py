@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, TypeVar
 
@@ -93,6 +93,24 @@ def _file_chunks(f: BinaryIO, length: int, on_bytes: Callable[[int], None] | Non
         if on_bytes:
             on_bytes(len(chunk))
         yield chunk
+
+
+S = TypeVar("S", ModelDetail, JobDetail)
+
+
+def _wait(fetch: Callable[[], S], until: Collection[str], what: str, timeout: float | None, poll: float,
+          on_update: Callable[[S], None] | None = None) -> S:
+    """fetch() every `poll` seconds until its state is in `until`; TimeoutError after `timeout` seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        obj = fetch()
+        if on_update:
+            on_update(obj)
+        if obj.state in until:
+            return obj
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"{what} still {obj.state} after {timeout} s")
+        time.sleep(poll)
 
 
 class NWCClient:
@@ -281,14 +299,7 @@ class NWCClient:
 
     def wait_model(self, model_id: str, *, timeout: float | None = None, poll: float = 1.0) -> ModelDetail:
         """Poll until the model is ready or failed (imports)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            m = self.get_model(model_id)
-            if m.state in ("ready", "failed"):
-                return m
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"model {model_id} still {m.state} after {timeout} s")
-            time.sleep(poll)
+        return _wait(lambda: self.get_model(model_id), {"ready", "failed"}, f"model {model_id}", timeout, poll)
 
     # ------------------------------------------------------------------ calibration
 
@@ -347,16 +358,7 @@ class NWCClient:
         on_update: Callable[[JobDetail], None] | None = None,
     ) -> JobDetail:
         """Poll until the job is succeeded, failed or cancelled; `on_update` sees every poll."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job = self.get_job(job_id)
-            if on_update:
-                on_update(job)
-            if job.state in TERMINAL_STATES:
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job.state} after {timeout} s")
-            time.sleep(poll)
+        return _wait(lambda: self.get_job(job_id), TERMINAL_STATES, f"job {job_id}", timeout, poll, on_update)
 
     def cancel_job(self, job_id: str) -> JobOut:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel", JobOut)
