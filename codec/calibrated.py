@@ -40,12 +40,15 @@ from torch.nn.utils import parametrize
 
 from codec.allocation import (
     MODES,
+    PROPAGATION_SEQS,
     block_sensitivities,
+    equal_slope_offsets,
     level_offsets,
     mean_kl,
     perturbed_output,
     relative_mse,
 )
+from codec.blocks import forward, run_block
 from codec.calibration import CalibrationSet, load_calibration
 from codec.chunking import from_chunks, row_scales, to_chunks
 from codec.container import (
@@ -58,7 +61,7 @@ from codec.container import (
 )
 from codec.entropy import encode_symbols
 from codec.gptq import QuantizedLinear, gptq_quantize, rtn_quantize, to_segments
-from codec.hessian import HessianAccumulator, block_ldl, proxy_error, regularize
+from codec.hessian import block_ldl, collect_hessians, ldlq, proxy_error, regularize
 from codec.pipeline import (
     BUNDLE_FILE,
     HEADER_ESTIMATE,
@@ -67,6 +70,7 @@ from codec.pipeline import (
     CompressReport,
     TensorReport,
     copy_aux_files,
+    encode_model_free,
     keep_embeddings,
     nmse,
     nwc_segments,
@@ -88,8 +92,6 @@ GROUPS = (("self_attn.v_proj", "self_attn.q_proj", "self_attn.k_proj"), ("self_a
           ("mlp.up_proj", "mlp.gate_proj"), ("mlp.down_proj",))
 LDL_BLOCK = 128
 GROUP_SIZE = 128
-PROPAGATION_SEQS = 4  # calibration sequences carried by the perturbed streams of the "kl" allocation
-MAX_LEVEL_OFFSET = 8  # per-column rate allocation: at most ±2 bits/weight around the tensor's level
 
 
 class CalibratedError(ValueError):
@@ -150,10 +152,6 @@ class LayerReport:
     # nwc with cross-layer allocation: measured sensitivity and the level offset it gave (codec.allocation)
     sensitivity: float | None = None
     level_offset: int | None = None
-
-
-class _Stop(Exception):
-    """Raised by a hook once the activation it needs has been captured."""
 
 
 def _check_model(src: Path, method: str, bits: float) -> object:
@@ -224,19 +222,19 @@ class LayerCoder:
         m, n = w.shape
         hr = regularize(h, self.opts.damp)
         levels = column_levels(level, n, importance=torch.diagonal(hr).numpy(), n_levels=tc.n_levels)
-        levels = np.clip(levels.astype(np.int64) + water_filling_offsets(torch.diagonal(hr)), 0,
+        # reverse water-filling over columns for the Hessian-weighted MSE (NOTES §3)
+        levels = np.clip(levels.astype(np.int64) + equal_slope_offsets(torch.diagonal(hr).numpy()), 0,
                          tc.n_levels - 1).astype(np.uint8)
         scales = row_scales(w)
         sc = scales.float()[:, None]
         lower = block_ldl(hr.double(), LDL_BLOCK)[0].float() if feedback else torch.zeros(n, n)
         symbols = np.empty((n, math.ceil(m / 16), 16), np.int32)
-        w_hat = torch.zeros_like(w)
-        for s in reversed(range(0, n, LDL_BLOCK)):
-            e = min(s + LDL_BLOCK, n)
-            target = w[:, s:e] + (w[:, e:] - w_hat[:, e:]) @ lower[e:, s:e]
-            sym = tc.symbols(to_chunks(target / sc), levels[s:e])
-            symbols[s:e] = sym
-            w_hat[:, s:e] = from_chunks(tc.reconstruct(sym, levels[s:e]), m) * sc
+
+        def code(target: torch.Tensor, s: int, e: int) -> torch.Tensor:
+            symbols[s:e] = tc.symbols(to_chunks(target / sc), levels[s:e])
+            return from_chunks(tc.reconstruct(symbols[s:e], levels[s:e]), m) * sc
+
+        w_hat, _ = ldlq(w, lower, code, LDL_BLOCK)
         ans, esc = encode_symbols(symbols, levels, tc.tables)
         return w_hat, nwc_segments(scales, levels, ans, esc), levels
 
@@ -252,56 +250,12 @@ def causal_mask(n: int, window: int | None, device: str) -> torch.Tensor:
     return mask.masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
 
 
-def water_filling_offsets(diag: torch.Tensor) -> np.ndarray:
-    """Per-column level offsets for Hessian-weighted MSE: R_j = R̄ + ½·log2(H_jj / geomean H), and one level is
-    ¼ bit, so offset_j = 2·log2(H_jj / geomean); centred so the mean rate is unchanged, clipped to ±8 levels."""
-    d = diag.double().clamp_min(1e-12)
-    off = 2 * torch.log2(d / torch.exp(torch.log(d).mean()))
-    off = torch.round(off - off.mean()).clamp(-MAX_LEVEL_OFFSET, MAX_LEVEL_OFFSET)
-    return off.to(torch.int64).numpy()
-
-
-@torch.no_grad()
-def _group_hessian(layer, module, hidden: torch.Tensor, kwargs: dict, batch: int) -> torch.Tensor:
-    """E[x xᵀ] of `module`'s input when `layer` runs on `hidden` (stopping right after `module`)."""
-    acc = HessianAccumulator(module.in_features)
-
-    def hook(_m, args):
-        acc.add(args[0])
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        for s in range(0, hidden.shape[0], batch):
-            try:
-                layer(hidden[s : s + batch], **kwargs)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return acc.hessian()
-
-
-@torch.no_grad()
-def _run_layer(layer, hidden: torch.Tensor, kwargs: dict, batch: int) -> torch.Tensor:
-    out = torch.empty_like(hidden)
-    for s in range(0, hidden.shape[0], batch):
-        r = layer(hidden[s : s + batch], **kwargs)
-        out[s : s + batch] = r[0] if isinstance(r, tuple) else r
-    return out
-
-
-def _forward(layer, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    r = layer(x, **kwargs)
-    return r[0] if isinstance(r, tuple) else r
-
-
 @torch.no_grad()
 def _mse(layer, hidden: torch.Tensor, target: torch.Tensor, kwargs: dict, batch: int) -> float:
     """Mean squared error of `layer(hidden)` to `target` over every element (float64 accumulation)."""
     total = 0.0
     for s in range(0, hidden.shape[0], batch):
-        total += float(((_forward(layer, hidden[s : s + batch], kwargs) - target[s : s + batch]) ** 2)
+        total += float(((forward(layer, hidden[s : s + batch], kwargs) - target[s : s + batch]) ** 2)
                        .sum(dtype=torch.float64))
     return total / max(target.numel(), 1)
 
@@ -339,7 +293,7 @@ def finetune_block(layer, params: list[torch.nn.Parameter], hidden: torch.Tensor
                 with torch.enable_grad():
                     for s in range(0, n_train, batch):
                         idx = perm[s : s + batch]
-                        loss = torch.nn.functional.mse_loss(_forward(layer, h_tr[idx], kwargs), t_tr[idx])
+                        loss = torch.nn.functional.mse_loss(forward(layer, h_tr[idx], kwargs), t_tr[idx])
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
@@ -505,9 +459,8 @@ class CalibratedCompressor:
         self._unit[1].append(tr)
         if lr is not None:
             self._unit[2].append(lr)
-        length = sum(len(b) for b in rec.segments.values())
-        self._staged_bytes += length
-        self._staged_table += table_row_bytes(rec, self.writer.bytes_written + self._staged_bytes, length)
+        self._staged_bytes += tr.bytes
+        self._staged_table += table_row_bytes(rec, self.writer.bytes_written + self._staged_bytes, tr.bytes)
 
     def end_unit(self, key: str) -> None:
         """Write the unit's staged records and checkpoint the unit (once)."""
@@ -529,10 +482,8 @@ class CalibratedCompressor:
             return self.raw(name, w)
         def fn(level):
             if self.method == "nwc":
-                prep = self.tc.prepare(w)
-                enc = self.tc.encode(prep, column_levels(level, prep.cols, n_levels=self.tc.n_levels))
-                segs = nwc_segments(prep.scales, enc.levels, enc.ans, enc.escapes)
-                return enc.decoded, "nwc", {"rows": prep.rows, "cols": prep.cols}, segs
+                decoded, segs, _ = encode_model_free(self.tc, w, level)
+                return decoded, "nwc", {"rows": decoded.shape[0], "cols": decoded.shape[1]}, segs
             w_hat, q = self.coder.fixed_length(w.float(), None)
             meta, segs = to_segments(q)
             return w_hat, "rtn", meta, segs
@@ -600,7 +551,7 @@ class CalibratedCompressor:
                 layer = self.model.model.layers[i]
                 _materialize(layer, prefix, self.source, self.dev)
                 layer.requires_grad_(False)
-                clean = _run_layer(layer, hidden, kwargs, calib.batch)
+                clean = run_block(layer, hidden, kwargs, calib.batch)
                 mods = {f"{prefix}{m}.weight": layer.get_submodule(m) for g in GROUPS for m in g
                         if self.controller.items[f"{prefix}{m}.weight"].coded}
                 gen = torch.Generator().manual_seed(calib.seed * 1_000_003 + i)
@@ -608,7 +559,7 @@ class CalibratedCompressor:
                                                 "absolute" if mode == "absolute" else "relative"))
                 if mode == "kl":
                     block_of.update(dict.fromkeys(mods, i))
-                    streams = [_run_layer(layer, x, kwargs, calib.batch) for x in streams]
+                    streams = [run_block(layer, x, kwargs, calib.batch) for x in streams]
                     noisy = perturbed_output(layer, mods, hidden[:n_prop], kwargs, calib.batch, gen)
                     births.append(relative_mse(noisy, clean[:n_prop]))
                     streams.append(noisy)
@@ -699,13 +650,15 @@ class CalibratedCompressor:
                 _materialize(layer, prefix, source, dev)
                 layer.requires_grad_(False)
                 resumed = self.ckpt.done(key)
-                target = _run_layer(layer, orig_hidden, kwargs, calib.batch) if finetune else None
+                target = run_block(layer, orig_hidden, kwargs, calib.batch) if finetune else None
                 gen = torch.Generator().manual_seed(calib.seed * 1_000_003 + i)
                 coded: set[str] = set()
                 gained: dict[str, torch.nn.Linear] = {}
                 for group in GROUPS:
                     modules = [layer.get_submodule(m) for m in group]
-                    h = None if resumed else _group_hessian(layer, modules[0], hidden, kwargs, calib.batch).cpu()
+                    h = None if resumed else collect_hessians(
+                        layer, hidden, {"in": modules[0]}, calib.batch, stop_after=modules[0], kwargs=kwargs,
+                    )["in"].hessian().cpu()
                     for mname, mod in zip(group, modules, strict=True):
                         name = f"{prefix}{mname}.weight"
                         w_hat = self.linear(name, mod.weight.detach().cpu().clone(), h)
@@ -738,7 +691,7 @@ class CalibratedCompressor:
                     t = self.raw(name, param.detach().cpu().to(parse_dtype(self.by_name[name].dtype)))
                     param.data.copy_(t.to(param.dtype).reshape(param.shape))
                 self.end_unit(key)
-                hidden = _run_layer(layer, hidden, kwargs, calib.batch)
+                hidden = run_block(layer, hidden, kwargs, calib.batch)
                 orig_hidden = target
                 layer.to("meta")  # free the block
 

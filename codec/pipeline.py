@@ -201,6 +201,15 @@ def nwc_segments(scales: torch.Tensor, levels: np.ndarray, ans: bytes, escapes: 
             "ans": ans, "escapes": escapes}
 
 
+def encode_model_free(tc: NWCTensorCodec, t: torch.Tensor, level: float) -> tuple[torch.Tensor, dict[str, bytes],
+                                                                                 np.ndarray]:
+    """One tensor through the codec without calibration at a (fractional) level: Ŵ as a matrix, the `nwc` record's
+    segments and the per-column levels."""
+    prep = tc.prepare(t)
+    enc = tc.encode(prep, column_levels(level, prep.cols, n_levels=tc.n_levels))
+    return enc.decoded, nwc_segments(prep.scales, enc.levels, enc.ans, enc.escapes), enc.levels
+
+
 def compress_model(src: Path, out: Path, bits: float, codec_id: str | None = None, device: str = "auto",
                    progress: bool = True, include: Callable[[str], bool] | None = None,
                    seed: int = 0, on_progress: ProgressFn | None = None) -> CompressReport:
@@ -234,11 +243,9 @@ def compress_model(src: Path, out: Path, bits: float, codec_id: str | None = Non
                 stub = record_stub(name, tuple(t.shape), dtype_name(t.dtype), p.method, shard.name, p.alias_of)
                 err = None
                 if p.method == "nwc":
-                    prep = tc.prepare(t)
-                    enc = tc.encode(prep, column_levels(level, prep.cols, n_levels=tc.n_levels))
-                    stub.segments = nwc_segments(prep.scales, enc.levels, enc.ans, enc.escapes)
-                    err = nmse(as_matrix(t), enc.decoded)
-                    level = float(enc.levels.mean())
+                    decoded, stub.segments, levels = encode_model_free(tc, t, level)
+                    err = nmse(as_matrix(t), decoded)
+                    level = float(levels.mean())
                 elif p.method == "raw":
                     stub.segments = {"data": to_bytes(t)}
                 entry = writer.add(stub)
