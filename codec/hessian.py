@@ -2,18 +2,15 @@
 
 Notation: a linear layer has ``W`` of shape m×n (out × in) and computes ``y = x Wᵀ``. For an input
 distribution x, the expected output error of a perturbed ``Ŵ`` is ``E‖(W−Ŵ)x‖² = tr((W−Ŵ) H (W−Ŵ)ᵀ)`` with
-``H = E[x xᵀ]`` (n×n). This module accumulates H, regularizes it, ranks input columns by ``diag(H)``, computes
-the proxy error, and the block LDL factorization that LDLQ error feedback (QuIP#, NWC) uses.
+``H = E[x xᵀ]`` (n×n). This module accumulates H, regularizes it, computes the proxy error, and the block LDL
+factorization that LDLQ error feedback (QuIP#, NWC) uses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import numpy as np
 import torch
-
-DEFAULT_FRACTIONS = (0.001, 0.01, 0.10)
 
 
 class HessianAccumulator:
@@ -125,44 +122,6 @@ def proxy_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     return num / den
 
 
-def level_counts(n: int, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> list[int]:
-    """Columns per level, highest level first: ``floor(f·n + 1/2)`` for each fraction f independently.
-
-    Round half up, per fraction (not cumulatively). For n = 4096 and the default fractions: 4.096 → 4,
-    40.96 → 41, 409.6 → 410 (and 3641 at level 0).
-    """
-    if n < 0:
-        raise ValueError(f"n must be non-negative, got {n}")
-    fr = [float(f) for f in fractions]
-    if len(fr) > 255 or any(not (0 <= f <= 1) for f in fr) or sum(fr) > 1 + 1e-12:
-        raise ValueError(f"fractions must be in [0, 1] with sum ≤ 1 (at most 255 of them), got {tuple(fractions)}")
-    counts = [int(np.floor(f * n + 0.5)) for f in fr]
-    if sum(counts) > n:  # possible only by rounding up when the fractions sum to ~1
-        raise ValueError(f"fractions {tuple(fractions)} round to {sum(counts)} columns, more than n={n}")
-    return counts
-
-
-def importance_levels(diag: torch.Tensor, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> np.ndarray:
-    """NWC quality level (uint8) per input column by rank of ``diag(H)`` (NOTES §1).
-
-    With k = len(fractions) levels above 0: the ``counts[0]`` columns with the largest diag get level k (3 by
-    default), the next ``counts[1]`` level k−1, …, the rest 0, with ``counts`` from :func:`level_counts`
-    (top 0.1 % → 3, next 1 % → 2, next 10 % → 1). Ties are broken by column index: among equal values the
-    lower index ranks higher (stable sort), so the result is deterministic.
-    """
-    d = diag.detach().to(device="cpu", dtype=torch.float64).reshape(-1).numpy()
-    if not np.isfinite(d).all():
-        raise ValueError("diag contains NaN or infinity")
-    counts = level_counts(d.size, fractions)
-    order = np.argsort(-d, kind="stable")
-    levels = np.zeros(d.size, dtype=np.uint8)
-    start = 0
-    for i, c in enumerate(counts):
-        levels[order[start:start + c]] = len(counts) - i
-        start += c
-    return levels
-
-
 def _blocks(n: int, block: int) -> list[tuple[int, int]]:
     if block < 1:
         raise ValueError(f"block must be positive, got {block}")
@@ -251,13 +210,16 @@ def collect_hessians(
     batch_size: int = 4,
     stop_after: torch.nn.Module | None = None,
     device: torch.device | str | None = None,
+    kwargs: dict | None = None,
 ) -> dict[str, HessianAccumulator]:
     """``E[x xᵀ]`` of the input of each module in ``modules``, over every token of ``input_ids`` (n_seq, seq_len).
 
     Forward hooks record each module's first positional input while ``model`` runs on batches of ``batch_size``
     sequences. ``stop_after`` (e.g. the decoder layer holding the modules) ends each forward pass right after
     that module has run, so the rest of the model is not computed. Accumulators live on ``device`` (default:
-    the device of each module's weight). Hooks are removed even on error.
+    the device of each module's weight). ``kwargs`` go to every forward call (e.g. a decoder block's position
+    embeddings and mask when ``model`` is one block and ``input_ids`` its hidden states). Hooks are removed even on
+    error.
     """
     accs = {
         name: HessianAccumulator(mod.in_features, device=device if device is not None else mod.weight.device)
@@ -281,7 +243,7 @@ def collect_hessians(
     try:
         for i in range(0, input_ids.shape[0], batch_size):
             try:
-                model(input_ids[i:i + batch_size].to(target))
+                model(input_ids[i:i + batch_size].to(target), **(kwargs or {}))
             except _StopForward:
                 pass
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,9 +10,7 @@ from codec.hessian import (
     block_ldl,
     collect_hessians,
     dead_columns,
-    importance_levels,
     ldlq,
-    level_counts,
     proxy_error,
     regularize,
 )
@@ -170,49 +167,7 @@ def test_proxy_error_is_relative_output_error() -> None:
         proxy_error(w, w[:, :-1], h)
 
 
-# --------------------------------------------------------------------------- importance levels
-
-def test_level_counts_rounding_rule() -> None:
-    # Round half up of fraction·n, per fraction: 4.096 → 4, 40.96 → 41, 409.6 → 410.
-    assert level_counts(4096) == [4, 41, 410]
-    assert level_counts(500) == [1, 5, 50]  # 0.5 → 1 (half up)
-    assert level_counts(1500) == [2, 15, 150]  # 1.5 → 2
-    assert level_counts(100) == [0, 1, 10]  # 0.1 → 0
-    assert level_counts(0) == [0, 0, 0]
-    assert level_counts(10, (0.25, 0.25)) == [3, 3]  # 2.5 → 3 each
-    with pytest.raises(ValueError, match="more than n=10"):
-        level_counts(10, (0.35, 0.65))  # 3.5 → 4 and 6.5 → 7: 11 columns
-    with pytest.raises(ValueError, match="fractions"):
-        level_counts(10, (0.6, 0.6))
-    with pytest.raises(ValueError, match="fractions"):
-        level_counts(10, (-0.1,))
-
-
-def test_importance_levels_exact_counts() -> None:
-    diag = torch.rand(4096, generator=_gen(7)) ** 4
-    levels = importance_levels(diag)
-    assert levels.dtype == np.uint8 and levels.shape == (4096,)
-    assert [int((levels == q).sum()) for q in (3, 2, 1, 0)] == [4, 41, 410, 3641]
-    order = np.argsort(-diag.numpy(), kind="stable")
-    assert (levels[order[:4]] == 3).all() and (levels[order[4:45]] == 2).all()
-    assert (levels[order[45:455]] == 1).all() and (levels[order[455:]] == 0).all()
-    # Levels are monotone in diag.
-    d = diag.numpy()
-    for q in (3, 2, 1):
-        assert d[levels == q].min() >= d[levels < q].max()
-
-
-def test_importance_levels_ties_are_deterministic() -> None:
-    levels = importance_levels(torch.ones(1000))
-    assert levels[:1].tolist() == [3] and (levels[1:11] == 2).all() and (levels[11:111] == 1).all()
-    assert (levels[111:] == 0).all()
-    diag = torch.tensor([1.0, 5.0, 5.0, 0.0, 5.0])
-    assert importance_levels(diag, (0.2, 0.2)).tolist() == [0, 2, 1, 0, 0]
-    with pytest.raises(ValueError, match="NaN"):
-        importance_levels(torch.tensor([1.0, float("nan")]))
-
-
-# --------------------------------------------------------------------------- block LDL, LDLQ
+# --------------------------------------------------------------------------- block LDL and LDLQ
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_block_ldl_reconstructs(dtype: torch.dtype) -> None:
