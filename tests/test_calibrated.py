@@ -266,7 +266,7 @@ def test_progress_and_checkpoint_hooks(small_llama: Path, tmp_path: Path):
     def on_checkpoint(work: Path) -> None:
         units.append({p.name for p in work.iterdir()})
 
-    opts = CalibOptions(n_seq=4, seq_len=64)
+    opts = CalibOptions(n_seq=4, seq_len=64, allocation="kl")  # a measured allocation, kept in the checkpoint
     out = tmp_path / "b"
 
     def stop_in_block_2(ev: Progress) -> None:
@@ -289,6 +289,7 @@ def test_progress_and_checkpoint_hooks(small_llama: Path, tmp_path: Path):
     last = [e for e in events if e.stage == "compress"][-1]
     assert last.done == last.total == rep.total_params
     assert "allocate" not in {e.stage for e in events}  # the allocation came from the checkpoint
+    assert all(lr["level_offset"] is not None for lr in rep.layers)
 
 
 def test_embeddings_can_stay_lossless(small_llama: Path, tmp_path: Path):
