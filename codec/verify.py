@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ class VerifyReport:
                 f"generation {self.generation!r} ({self.seconds:.0f} s)")
 
 
-def _is_causal_lm(model_dir: Path) -> bool:
+def is_causal_lm(model_dir: Path) -> bool:
     cfg = model_dir / "config.json"
     if not cfg.exists():
         return False
@@ -59,7 +60,7 @@ def verify_bundle(bundle: Path, original: Path | None = None, dense: Path | None
 
     t0 = time.time()
     bundle = Path(bundle)
-    causal = bundle.is_dir() and _is_causal_lm(bundle)
+    causal = bundle.is_dir() and is_causal_lm(bundle)
     stage = "decode"
     with tempfile.TemporaryDirectory(prefix="nwc-verify-") as tmp:
         try:
@@ -86,10 +87,15 @@ def verify_bundle(bundle: Path, original: Path | None = None, dense: Path | None
 
 
 def verify_in_fresh_process(bundle: Path, original: Path | None = None, dense: Path | None = None,
-                            eval_tokens: int = 2048, device: str = "cpu", timeout: float = 3600) -> VerifyReport:
-    """`verify_bundle` in a new Python process; a crash of that process is a failed verification too."""
+                            eval_tokens: int = 2048, device: str = "cpu", timeout: float = 3600,
+                            poll: Callable[[float], None] | None = None,
+                            poll_interval: float = 0.5) -> VerifyReport:
+    """`verify_bundle` in a new Python process; a crash of that process is a failed verification too.
+
+    `poll(elapsed_seconds)` is called every `poll_interval` while the verifier runs (a service renews its lease
+    and reports progress there); an exception it raises kills the verifier and propagates."""
     with tempfile.TemporaryDirectory(prefix="nwc-verify-") as tmp:
-        result = Path(tmp) / "verify.json"
+        result, log = Path(tmp) / "verify.json", Path(tmp) / "verify.log"
         cmd = [sys.executable, "-m", "codec.verify", str(bundle), "--json", str(result),
                "--eval-tokens", str(eval_tokens), "--device", device]
         if original is not None:
@@ -97,12 +103,26 @@ def verify_in_fresh_process(bundle: Path, original: Path | None = None, dense: P
         if dense is not None:
             cmd += ["--dense", str(dense)]
         t0 = time.time()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return VerifyReport(False, "timeout", f"verification exceeded {timeout:.0f} s", time.time() - t0, False)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            try:
+                while True:
+                    try:
+                        proc.wait(poll_interval)
+                        break
+                    except subprocess.TimeoutExpired:
+                        elapsed = time.time() - t0
+                        if elapsed > timeout:
+                            return VerifyReport(False, "timeout", f"verification exceeded {timeout:.0f} s", elapsed,
+                                                False)
+                        if poll is not None:
+                            poll(elapsed)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         if not result.exists():
-            tail = (proc.stderr or proc.stdout)[-2000:]
+            tail = log.read_text(errors="replace")[-2000:]
             return VerifyReport(False, "process", f"verifier exited {proc.returncode}: {tail}", time.time() - t0,
                                 False)
         return VerifyReport(**json.loads(result.read_text()))

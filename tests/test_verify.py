@@ -21,6 +21,29 @@ def test_non_lm_bundle_is_verified_by_decoding(tmp_path: Path):
     assert (tmp_path / "dense" / "model.safetensors").exists()
 
 
+def test_poll_runs_while_verifying_and_can_stop_it(tmp_path: Path):
+    """The poll hook is called while the verifier runs; raising from it kills the child and propagates."""
+    import pytest
+
+    src = write_synthetic_model(tmp_path / "src")
+    compress_model(src, tmp_path / "b", 4.0, device="cpu", progress=False)
+    polls: list[float] = []
+    rep = verify_in_fresh_process(tmp_path / "b", src, poll=polls.append, poll_interval=0.05)
+    assert rep.ok and polls and polls == sorted(polls)
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(elapsed: float) -> None:
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        verify_in_fresh_process(tmp_path / "b", src, dense=tmp_path / "dense", poll=cancel, poll_interval=0.05)
+    assert not (tmp_path / "dense").exists()  # stopped before the decoded model was moved into place
+    timed_out = verify_in_fresh_process(tmp_path / "b", src, timeout=0.01, poll_interval=0.05)
+    assert not timed_out.ok and timed_out.stage == "timeout"
+
+
 def test_bundle_that_does_not_load_fails_verification(tmp_path: Path):
     src = write_synthetic_model(tmp_path / "src")
     compress_model(src, tmp_path / "b", 4.0, device="cpu", progress=False)

@@ -385,7 +385,17 @@ def stage_verify(ctx: _Ctx, compressed: dict[str, Any]) -> dict[str, Any]:
     shutil.rmtree(ctx.dense_dir, ignore_errors=True)
     ctx.dense_dir.parent.mkdir(parents=True, exist_ok=True)
     ctx.set_progress(0.05)
-    rep = _verify_fresh_process(ctx, ctx.out_dir, ctx.model_dir, ctx.dense_dir, ctx.opts.eval_tokens)
+    from dataclasses import asdict
+
+    from codec.verify import verify_in_fresh_process
+
+    def poll(elapsed: float) -> None:  # a cancellation or a lost lease stops the verifier within a heartbeat
+        ctx.check()
+        ctx.set_progress(min(0.8, 0.05 + elapsed / 600))
+
+    rep = asdict(verify_in_fresh_process(ctx.out_dir, ctx.model_dir, ctx.dense_dir if want_dense else None,
+                                         ctx.opts.eval_tokens, ctx.device, timeout=ctx.settings.job_time_limit,
+                                         poll=poll))
     if not rep["ok"]:
         raise JobFailed(f"verification failed at {rep['stage']}: {rep['error']}")
     ctx.set_progress(0.85)
@@ -411,40 +421,6 @@ def stage_verify(ctx: _Ctx, compressed: dict[str, Any]) -> dict[str, Any]:
         summary.update(kl=e.get("kl"), top1_agreement=e.get("top1_agreement"))
     ctx.event("stage", "verified", summary)
     return done
-
-
-def _verify_fresh_process(ctx: _Ctx, bundle: Path, original: Path, dense: Path, eval_tokens: int) -> dict[str, Any]:
-    """codec.verify in a child process (what codec.verify.verify_in_fresh_process runs), polled so that a
-    cancellation or a lost lease stops it within a heartbeat instead of after the whole evaluation."""
-    import subprocess
-    import sys
-
-    result = ctx.root / "verify.json"
-    result.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "codec.verify", str(bundle), "--json", str(result), "--eval-tokens",
-           str(eval_tokens), "--device", ctx.device, "--original", str(original)]
-    if "dense" in ctx.opts.outputs:
-        cmd += ["--dense", str(dense)]
-    log_file = ctx.root / "verify.log"
-    t0 = time.monotonic()
-    with open(log_file, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            while proc.poll() is None:
-                if time.monotonic() - t0 > ctx.settings.job_time_limit:
-                    raise JobFailed("verification exceeded the job time limit")
-                ctx.check()
-                ctx.set_progress(min(0.8, 0.05 + (time.monotonic() - t0) / 600))
-                time.sleep(0.5)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    if not result.exists():
-        tail = log_file.read_text(errors="replace")[-2000:]
-        return {"ok": False, "stage": "process", "error": f"verifier exited {proc.returncode}: {tail}",
-                "seconds": time.monotonic() - t0, "causal_lm": False}
-    return json.loads(result.read_text())
 
 
 def stage_publish(ctx: _Ctx, compressed: dict[str, Any], verified: dict[str, Any]) -> None:
