@@ -61,6 +61,17 @@ def test_compress_inspect_verify_decompress(cli_bundle, tmp_path: Path) -> None:
     for name, t in original.items():
         assert (dense[name].shape, dense[name].dtype) == (t.shape, t.dtype), name
     assert (out / "config.json").read_text() == (src / "config.json").read_text()
+    # compress also wrote the dense model beside the bundle by default: the same tensors as `nwc decompress`
+    default = load_file(str(bundle.parent / f"{bundle.name}-dense" / "model.safetensors"))
+    assert default.keys() == dense.keys() and all(default[k].equal(dense[k]) for k in dense)
+
+
+def test_compress_refuses_to_overwrite_a_dense_output(cli_bundle) -> None:
+    src, bundle, _ = cli_bundle
+    before = (bundle / BUNDLE_FILE).stat().st_mtime_ns
+    r = nwc("compress", src, "-o", bundle, "--bits", "4", "--quiet", "--device", "cpu")
+    assert r.returncode == 2 and f"{bundle.name}-dense exists and is not empty" in r.stderr, r.stderr
+    assert (bundle / BUNDLE_FILE).stat().st_mtime_ns == before  # refused before anything was written
 
 
 def test_codecs_lists_the_default() -> None:
