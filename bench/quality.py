@@ -66,10 +66,12 @@ def nwc(*args: str) -> None:
                    env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
 
 
-def run_point(method: str, target: float, args: argparse.Namespace, text: str) -> Point:
-    out = RUNS / f"{method}-{target:g}"
+def run_point(label: str, cli_args: list[str], target: float, args: argparse.Namespace, text: str,
+              runs: Path) -> Point:
+    """One point: `nwc compress` with `cli_args` at `target` bits, decompress, evaluate against the original."""
+    out = runs / f"{label}-{target:g}"
     shutil.rmtree(out, ignore_errors=True)
-    extra = list(METHODS[method])
+    extra = list(cli_args)
     if "--calib" in extra:
         extra += ["--calib-seqs", str(args.calib_seqs), "--calib-len", str(args.calib_len)]
     nwc("compress", str(smollm2_dir()), "-o", str(out / "bundle"), "--bits", f"{target:g}", "-q", "--no-verify",
@@ -79,22 +81,68 @@ def run_point(method: str, target: float, args: argparse.Namespace, text: str) -
     ev = evaluate_pair(smollm2_dir(), out / "dense", text, max_tokens=args.eval_tokens, window=1024,
                        text_name="held-out Wikipedia (codec.assets.eval_text)")
     shutil.rmtree(out / "dense")
-    return Point(method, target, report["measured_bits"], ev.compressed.ppl, ev.original.ppl, ev.kl,
+    return Point(label, target, report["measured_bits"], ev.compressed.ppl, ev.original.ppl, ev.kl,
                  ev.top1_agreement, report["seconds"], report["peak_rss_mb"], ev.generation_compressed)
 
 
-def render(points: list[Point], args: argparse.Namespace, seconds: float, protocol: str) -> str:
+def add_sweep_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--calib-seqs", type=int, default=16)
+    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--jobs", type=int, default=1, help="points run at once (each is a few processes)")
+    ap.add_argument("--resume", action="store_true", help="keep finished points of RUNS/points.json")
+    ap.add_argument("--render-only", action="store_true", help="only redraw docs from RUNS/points.json")
+
+
+def sweep(variants: dict[str, list[str]], targets: list[float], args: argparse.Namespace, runs: Path) -> list[Point]:
+    """Every (variant, target) point, `args.jobs` at a time; each finished point is saved to runs/points.json at
+    once, and `--resume` / `--render-only` reuse the saved points of the same calibration and evaluation."""
+    text = eval_text()
+    runs.mkdir(parents=True, exist_ok=True)
+    saved = runs / "points.json"
+    calib = {"calib_seqs": args.calib_seqs, "calib_len": args.calib_len, "eval_tokens": args.eval_tokens}
+    keep = (args.resume or args.render_only) and saved.exists()
+    old = json.loads(saved.read_text()) if keep else {"calib": calib, "points": []}
+    points = [Point(**p) for p in old["points"]] if old.get("calib") == calib else []
+    have = {(p.method, p.target) for p in points}
+    todo = [] if args.render_only else [(v, t) for t in targets for v in variants if (v, float(t)) not in have]
+    lock = threading.Lock()
+
+    def one(vt: tuple[str, float]) -> None:
+        p = run_point(vt[0], variants[vt[0]], vt[1], args, text, runs)
+        with lock:
+            points.append(p)
+            saved.write_text(json.dumps({"calib": calib, "points": [asdict(x) for x in points]}, indent=1))
+            print(asdict(p), flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for f in [pool.submit(one, vt) for vt in todo]:
+            f.result()
+    return points
+
+
+def protocol(args: argparse.Namespace) -> str:
+    return (f"perplexity on the first {args.eval_tokens} tokens of the held-out Wikipedia text, non-overlapping "
+            f"windows of 1024, no BOS (SmolLM2's tokenizer adds none), fp32; KL and top-1 on the same tokens")
+
+
+def provenance(module: str, args: argparse.Namespace, seconds: float) -> str:
+    """The command, date and machine line a section starts with."""
+    return (f"Command: `OMP_NUM_THREADS=1 python -m {module} {' '.join(sys.argv[1:])}` — "
+            f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
+            f"{os.cpu_count()} CPUs, torch {torch.__version__}, CPU only; "
+            + ("table assembled from the saved points (`--render-only`)." if args.render_only
+               else f"wall time {seconds / 60:.0f} min."))
+
+
+def render(points: list[Point], args: argparse.Namespace, seconds: float) -> str:
     fp = points[0].ppl_fp
     lines = [
         "## Model quality vs bits (SmolLM2-135M-Instruct)",
         "",
-        f"Command: `OMP_NUM_THREADS=1 python -m bench.quality {' '.join(sys.argv[1:])}` — "
-        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}, CPU only; "
-        + ("table assembled from the saved points (`--render-only`)." if args.render_only
-           else f"wall time {seconds / 60:.0f} min."),
+        provenance("bench.quality", args, seconds),
         "",
-        f"Protocol: {protocol}. Calibration: built-in Wikipedia calibration split (first 80 % of articles), "
+        f"Protocol: {protocol(args)}. Calibration: built-in Wikipedia calibration split (first 80 % of articles), "
         f"{args.calib_seqs} sequences × {args.calib_len} tokens, seed 0. `nwc-free` = NWC without calibration "
         "(model-free); `nwc` = NWC with LDLQ feedback and Hessian water-filling of per-column rates; GPTQ/RTN: "
         "group 128, asymmetric, fp16 scale + min, embeddings RTN at the same bits; `nwc-ft` = `nwc` plus block "
@@ -147,39 +195,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", type=float, nargs="+", default=[3.0, 4.0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--calib-seqs", type=int, default=16)
-    ap.add_argument("--calib-len", type=int, default=256)
-    ap.add_argument("--jobs", type=int, default=1, help="points run at once (each is a few processes)")
-    ap.add_argument("--resume", action="store_true", help="keep finished points of runs/quality/points.json")
-    ap.add_argument("--render-only", action="store_true", help="only redraw docs from runs/quality/points.json")
+    add_sweep_args(ap)
     args = ap.parse_args()
     t0 = time.time()
-    text = eval_text()
-    RUNS.mkdir(parents=True, exist_ok=True)
-    saved = RUNS / "points.json"
-    calib = {"calib_seqs": args.calib_seqs, "calib_len": args.calib_len, "eval_tokens": args.eval_tokens}
-    keep = (args.resume or args.render_only) and saved.exists()
-    old = json.loads(saved.read_text()) if keep else {"calib": calib, "points": []}
-    points = [Point(**p) for p in old["points"]] if old.get("calib") == calib else []
-    have = {(p.method, p.target) for p in points}
-    todo = [] if args.render_only else [(m, t) for t in args.targets for m in args.methods if (m, float(t)) not in have]
-    lock = threading.Lock()
-
-    def one(mt: tuple[str, float]) -> None:
-        p = run_point(mt[0], mt[1], args, text)
-        with lock:
-            points.append(p)
-            saved.write_text(json.dumps({"calib": calib, "points": [asdict(x) for x in points]}, indent=1))
-            print(asdict(p), flush=True)
-
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for f in [pool.submit(one, mt) for mt in todo]:
-            f.result()
-    protocol = (f"perplexity on the first {args.eval_tokens} tokens of the held-out Wikipedia text, non-overlapping "
-                f"windows of 1024, no BOS (SmolLM2's tokenizer adds none), fp32; KL and top-1 on the same tokens")
+    points = sweep({m: METHODS[m] for m in args.methods}, args.targets, args, RUNS)
     plot(points)
-    replace_section("quality", render(points, args, time.time() - t0, protocol))
+    replace_section("quality", render(points, args, time.time() - t0))
 
 
 if __name__ == "__main__":
