@@ -27,7 +27,6 @@ from real_models import cut_smollm2
 from services import (  # noqa: F401  (pytest fixtures)
     PostgresServer,
     S3Config,
-    create_database,
     postgres_server,
     redis_url,
     s3_config,
@@ -370,16 +369,13 @@ def test_embedded_jobs_cancel_webhook_and_dense(embedded: Deployment, small_llam
 @pytest.fixture
 def services_dep(tmp_path: Path, postgres_server: PostgresServer, redis_url: str,  # noqa: F811
                  s3_config: S3Config) -> Iterator[Deployment]:  # noqa: F811
-    name = f"worker_{uuid.uuid4().hex[:10]}"
-    create_database(postgres_server.admin_url, name)
     broker = redis_url.rsplit("/", 1)[0] + "/5"
     import redis
 
     redis.Redis.from_url(broker).flushdb()
-    dep = deployment(
-        tmp_path, NWC_DATABASE_URL=postgres_server.url(name), NWC_BROKER_URL=broker, NWC_STORE_BACKEND="s3",
-        NWC_S3_ENDPOINT_URL=s3_config.endpoint_url, NWC_S3_ACCESS_KEY=s3_config.access_key,
-        NWC_S3_SECRET_KEY=s3_config.secret_key, NWC_S3_BUCKET=s3_config.bucket, NWC_S3_REGION=s3_config.region)
+    s3_env = {f"NWC_{k.upper()}": v for k, v in s3_config.settings().items()}
+    dep = deployment(tmp_path, NWC_DATABASE_URL=postgres_server.new_database("worker"), NWC_BROKER_URL=broker,
+                     **s3_env)
     yield dep
     dep.stop_workers()
 
