@@ -43,7 +43,8 @@ def render(points: list[Point], args: argparse.Namespace, seconds: float) -> str
     ]
     for p in sorted(points, key=lambda p: (p.target, p.ppl)):
         mode, strength = VARIANTS[p.method]
-        lines.append(f"| {mode} | {strength:g} | {p.target:g} | {p.bits:.3f} | {p.ppl:.3f} | {p.kl:.4f} | "
+        shown = "–" if mode == "none" else f"{strength:g}"
+        lines.append(f"| {mode} | {shown} | {p.target:g} | {p.bits:.3f} | {p.ppl:.3f} | {p.kl:.4f} | "
                      f"{100 * p.top1:.1f} % |")
     return "\n".join(lines)
 
