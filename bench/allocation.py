@@ -1,9 +1,9 @@
-"""Rate across layers: calibrated NWC with each `--allocation` mode, on SmolLM2-135M-Instruct.
+"""Rate across layers: calibrated NWC with each `--allocation` mode, on SmolLM2-135M-Instruct (or `--model gemma3`).
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.allocation [--targets 3] [--jobs 2] [--resume]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.allocation [--model smollm2] [--targets 3] [--jobs 2] [--resume]
 
 Same points, protocol and saving as bench.quality (`sweep`), one variant per allocation mode and strength
-(codec/allocation.py); writes docs/BENCHMARKS.md (section `allocation`).
+(codec/allocation.py); writes docs/BENCHMARKS.md (section `allocation`, `allocation-gemma3` for Gemma).
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.quality import ROOT, Point, add_sweep_args, protocol, provenance, sweep
+from bench.quality import MODELS, ROOT, Point, add_sweep_args, protocol, provenance, sweep
 from bench.report import replace_section
 
-RUNS = ROOT / "runs" / "allocation"
 CALIB = ["--method", "nwc", "--calib", "wiki"]
 VARIANTS = {  # label -> (allocation, strength)
     "none": ("none", 1.0),
@@ -28,7 +27,7 @@ VARIANTS = {  # label -> (allocation, strength)
 
 def render(points: list[Point], args: argparse.Namespace, seconds: float) -> str:
     lines = [
-        "## Rate across layers (`--allocation`, SmolLM2-135M-Instruct)",
+        f"## Rate across layers (`--allocation`, {MODELS[args.model].title})",
         "",
         provenance("bench.allocation", args, seconds),
         "",
@@ -58,8 +57,9 @@ def main() -> None:
     t0 = time.time()
     variants = {v: [*CALIB, "--allocation", VARIANTS[v][0], "--allocation-strength", f"{VARIANTS[v][1]:g}"]
                 for v in args.variants}
-    points = sweep(variants, args.targets, args, RUNS)
-    replace_section("allocation", render(points, args, time.time() - t0))
+    suffix = MODELS[args.model].suffix
+    points = sweep(variants, args.targets, args, ROOT / "runs" / f"allocation{suffix}")
+    replace_section(f"allocation{suffix}", render(points, args, time.time() - t0))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,12 @@
-"""Model quality vs measured bits/weight on SmolLM2-135M-Instruct: NWC (model-free and calibrated), GPTQ, RTN.
+"""Model quality vs measured bits/weight: NWC (model-free and calibrated), GPTQ, RTN.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.quality [--targets 2 3 4 5 6] [--eval-tokens 4096]
-        [--calib-seqs 16 --calib-len 256] [--methods nwc-free nwc nwc-ft gptq rtn] [--jobs 2] [--resume]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.quality [--model smollm2|gemma3] [--targets 2 3 4 5 6]
+        [--eval-tokens 4096] [--calib-seqs 16 --calib-len 256] [--methods nwc-free nwc nwc-ft gptq rtn]
+        [--jobs 2] [--resume]
+
+`--model smollm2` (SmolLM2-135M-Instruct, the evaluation model of MODELS.md) writes section `quality` and
+docs/quality.png from runs/quality/; `--model gemma3` (Gemma-3-270m, the second architecture) writes section
+`quality-gemma3` and docs/quality-gemma3.png from runs/quality-gemma3/.
 
 Points run `--jobs` at a time; each finished point is saved to runs/quality/points.json at once, and `--resume`
 skips points already there (same method, target and calibration), so a long run can be continued.
@@ -25,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,12 +38,37 @@ from pathlib import Path
 import torch
 
 from bench.report import replace_section
-from codec.assets import eval_text, smollm2_dir
+from codec.assets import eval_text, gemma3_dir, smollm2_dir
 from codec.evaluate import evaluate_pair
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = ROOT / "runs" / "quality"
-PLOT = ROOT / "docs" / "quality.png"
+
+
+@dataclass(frozen=True)
+class EvalModel:
+    title: str
+    source: Callable[[], Path]
+    suffix: str  # of the runs folder, docs section and plot: "" for the main evaluation model
+    bos: str  # how the protocol treats BOS (the evaluation adds one exactly when the tokenizer does)
+    caveat: str  # where its weights come from, and what that means for the numbers
+
+    def runs(self) -> Path:
+        return ROOT / "runs" / f"quality{self.suffix}"
+
+    def plot_path(self) -> Path:
+        return ROOT / "docs" / f"quality{self.suffix}.png"
+
+
+MODELS = {
+    "smollm2": EvalModel(
+        "SmolLM2-135M-Instruct", smollm2_dir, "", "no BOS (SmolLM2's tokenizer adds none)",
+        "SmolLM2's linears are stored on a Q4_1 grid (MODELS.md): at ≥ 4 bits a method can re-find that grid, so "
+        "≥ 4-bit numbers overstate what it would do on full-precision weights."),
+    "gemma3": EvalModel(
+        "Gemma-3-270m", gemma3_dir, "-gemma3", "BOS prepended to every window (Gemma's tokenizer adds one)",
+        "Gemma-3-270m is converted from a Q4_K_M GGUF (MODELS.md): its linears lie on 4–6-bit k-quant grids, and "
+        "63 % of its parameters are the 262k × 640 tied embedding, which every method codes at the same rate."),
+}
 METHODS = {  # label -> extra CLI arguments
     "nwc-free": ["--method", "nwc"],
     "nwc": ["--method", "nwc", "--calib", "wiki"],
@@ -74,11 +105,12 @@ def run_point(label: str, cli_args: list[str], target: float, args: argparse.Nam
     extra = list(cli_args)
     if "--calib" in extra:
         extra += ["--calib-seqs", str(args.calib_seqs), "--calib-len", str(args.calib_len)]
-    nwc("compress", str(smollm2_dir()), "-o", str(out / "bundle"), "--bits", f"{target:g}", "-q", "--no-verify",
+    source = MODELS[args.model].source()
+    nwc("compress", str(source), "-o", str(out / "bundle"), "--bits", f"{target:g}", "-q", "--no-verify",
         "--no-dense-output", *extra)
     nwc("decompress", str(out / "bundle"), "-o", str(out / "dense"), "-q")
     report = json.loads((out / "bundle" / "report.json").read_text())
-    ev = evaluate_pair(smollm2_dir(), out / "dense", text, max_tokens=args.eval_tokens, window=1024,
+    ev = evaluate_pair(source, out / "dense", text, max_tokens=args.eval_tokens, window=1024,
                        text_name="held-out Wikipedia (codec.assets.eval_text)")
     shutil.rmtree(out / "dense")
     return Point(label, target, report["measured_bits"], ev.compressed.ppl, ev.original.ppl, ev.kl,
@@ -86,6 +118,7 @@ def run_point(label: str, cli_args: list[str], target: float, args: argparse.Nam
 
 
 def add_sweep_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", choices=list(MODELS), default="smollm2", help="the real model to compress")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--calib-seqs", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=256)
@@ -123,7 +156,7 @@ def sweep(variants: dict[str, list[str]], targets: list[float], args: argparse.N
 
 def protocol(args: argparse.Namespace) -> str:
     return (f"perplexity on the first {args.eval_tokens} tokens of the held-out Wikipedia text, non-overlapping "
-            f"windows of 1024, no BOS (SmolLM2's tokenizer adds none), fp32; KL and top-1 on the same tokens")
+            f"windows of 1024, {MODELS[args.model].bos}, fp32; KL and top-1 on the same tokens")
 
 
 def provenance(module: str, args: argparse.Namespace, seconds: float) -> str:
@@ -137,8 +170,9 @@ def provenance(module: str, args: argparse.Namespace, seconds: float) -> str:
 
 def render(points: list[Point], args: argparse.Namespace, seconds: float) -> str:
     fp = points[0].ppl_fp
+    model = MODELS[args.model]
     lines = [
-        "## Model quality vs bits (SmolLM2-135M-Instruct)",
+        f"## Model quality vs bits ({model.title})",
         "",
         provenance("bench.quality", args, seconds),
         "",
@@ -150,8 +184,7 @@ def render(points: list[Point], args: argparse.Namespace, seconds: float) -> str
         "bytes / all parameters. Compress seconds are wall time on a shared 2-core machine running two points at "
         "once (indicative only).",
         "",
-        "> **Caveat.** SmolLM2's linears are stored on a Q4_1 grid (MODELS.md): at ≥ 4 bits a method can "
-        "re-find that grid, so ≥ 4-bit numbers overstate what it would do on full-precision weights.",
+        f"> **Caveat.** {model.caveat}",
         "",
         f"FP32 original: perplexity {fp:.3f}.",
         "",
@@ -163,11 +196,11 @@ def render(points: list[Point], args: argparse.Namespace, seconds: float) -> str
         gen = p.generation.replace("\n", " ").replace("|", "/")[:40]
         lines.append(f"| {p.method} | {p.target:g} | {p.bits:.3f} | {p.ppl:.3f} | {100 * (p.ppl / fp - 1):+.1f} | "
                      f"{p.kl:.4f} | {100 * p.top1:.1f} % | {p.compress_s:.0f} | {p.peak_rss_mb:.0f} | {gen} |")
-    lines += ["", "![perplexity and KL vs measured bits](quality.png)"]
+    lines += ["", f"![perplexity and KL vs measured bits]({model.plot_path().name})"]
     return "\n".join(lines)
 
 
-def plot(points: list[Point]) -> None:
+def plot(points: list[Point], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,7 +221,7 @@ def plot(points: list[Point]) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -198,9 +231,10 @@ def main() -> None:
     add_sweep_args(ap)
     args = ap.parse_args()
     t0 = time.time()
-    points = sweep({m: METHODS[m] for m in args.methods}, args.targets, args, RUNS)
-    plot(points)
-    replace_section("quality", render(points, args, time.time() - t0))
+    model = MODELS[args.model]
+    points = sweep({m: METHODS[m] for m in args.methods}, args.targets, args, model.runs())
+    plot(points, model.plot_path())
+    replace_section(f"quality{model.suffix}", render(points, args, time.time() - t0))
 
 
 if __name__ == "__main__":
