@@ -26,7 +26,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter
 
 from api.schemas.common import Page
-from api.schemas.jobs import ArtifactOut, CalibrationOut, EventOut, JobCreate, JobDetail, JobOut
+from api.schemas.jobs import ArtifactOut, CalibrationOut, EventOut, JobCreate, JobDetail, JobOut, JobTuning
 from api.schemas.models import (
     MODEL_FILE_SUFFIXES,
     PICKLE_SUFFIXES,
@@ -317,8 +317,11 @@ class NWCClient:
     def submit_job(
         self, model_id: str, target_bits: float, *, method: str = "nwc", calibration: str | None = None,
         outputs: Sequence[str] | None = None, webhook_url: str | None = None, idempotency_key: str | None = None,
+        tuning: JobTuning | None = None,
     ) -> JobDetail:
         body: dict[str, Any] = {"model_id": model_id, "method": method, "target_bits": target_bits}
+        if tuning is not None:
+            body["tuning"] = tuning.model_dump(exclude_unset=True)
         if calibration is not None:
             body["calibration"] = calibration
         if outputs is not None:

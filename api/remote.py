@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from api.client import ApiError, ChecksumError, NWCClient
-from api.schemas.jobs import JobDetail
+from api.schemas.jobs import JobDetail, JobTuning
 
 __all__ = ["remote_app"]
 
@@ -65,6 +65,11 @@ def submit(
     name: str = typer.Option(None, help="model label"),
     webhook: str = typer.Option(None, help="URL that receives a POST when the job ends"),
     idempotency_key: str = typer.Option(None, help="repeat-safe submission key"),
+    calib_seqs: int = typer.Option(None, "--calib-seqs", help="calibration sequences"),
+    calib_len: int = typer.Option(None, "--calib-len", help="tokens per calibration sequence"),
+    finetune_epochs: int = typer.Option(None, "--finetune-epochs", help="calibrated nwc: block fine-tuning epochs"),
+    allocation: str = typer.Option(None, "--allocation", help="calibrated nwc: none, kl, relative or absolute"),
+    eval_tokens: int = typer.Option(None, "--eval-tokens", help="held-out tokens of the verification"),
     wait: bool = typer.Option(False, "--wait", help="follow the job until it ends"),
     download: Path = typer.Option(None, "--download", help="with --wait: download the artifacts here"),
 ) -> None:
@@ -85,8 +90,11 @@ def submit(
                 model_id = m.id
             if calib and Path(calib).is_file():
                 calib = nwc.upload_calibration(calib).id
+            given = {"calib_seqs": calib_seqs, "calib_len": calib_len, "finetune_epochs": finetune_epochs,
+                     "allocation": allocation, "eval_tokens": eval_tokens}
+            tuning = JobTuning(**{k: v for k, v in given.items() if v is not None})
             job = nwc.submit_job(model_id, bits, method=method, calibration=calib, outputs=output or None,
-                                 webhook_url=webhook, idempotency_key=idempotency_key)
+                                 webhook_url=webhook, idempotency_key=idempotency_key, tuning=tuning)
             typer.echo(job.id)
             if wait:
                 job = nwc.wait_job(job.id, on_update=lambda j: typer.echo(_line(j), err=True))

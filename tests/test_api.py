@@ -247,6 +247,14 @@ BAD_JOBS = [
     ({"target_bits": 4, "webhook_url": "https://user:pw@example.com/x"}, 422, "validation_error"),
     ({"target_bits": 4, "webhook_url": "javascript:alert(1)"}, 422, "validation_error"),
     ({"target_bits": 4, "surprise": True}, 422, "validation_error"),
+    ({"target_bits": 4, "webhook_url": "http://169.254.169.254/latest/meta-data/"}, 422, "webhook_url_not_allowed"),
+    ({"target_bits": 4, "webhook_url": "http://127.0.0.1:8000/v1/jobs"}, 422, "webhook_url_not_allowed"),
+    ({"target_bits": 4, "webhook_url": "http://redis:6379/"}, 422, "webhook_url_not_allowed"),
+    ({"target_bits": 4, "tuning": {"calib_seqs": 0}}, 422, "validation_error"),
+    ({"target_bits": 4, "tuning": {"allocation": "greedy"}}, 422, "validation_error"),
+    ({"target_bits": 4, "tuning": {"finetune_epochs": -1}}, 422, "validation_error"),
+    ({"target_bits": 4, "tuning": {"eval_tokens": 4}}, 422, "validation_error"),
+    ({"target_bits": 4, "tuning": {"learning_rate": 1}}, 422, "validation_error"),
     ({"target_bits": 4, "calibration": "cal_" + "0" * 32}, 404, "not_found"),
     ({"target_bits": 4, "model_id": "mdl_doesnotexist"}, 404, "not_found"),
 ]
@@ -407,8 +415,31 @@ def test_failed_job_retry(server: ApiServer) -> None:  # noqa: F811
     server.finish_job(t, jid, artifacts={}, state=JobState.FAILED)
     job = c.get(f"/v1/jobs/{jid}").json()
     assert job["state"] == "failed" and job["error"] == "boom"
+    with server.db() as s:  # the worker gave up after its attempts
+        s.get(Job, jid).attempts = 3
     r = c.post(f"/v1/jobs/{jid}/retry")
     assert r.status_code == 200 and r.json()["state"] == "queued" and r.json()["error"] is None
+    assert r.json()["attempts"] == 0  # a retry gets the full budget of attempts again
+
+
+def test_tuning_reaches_the_worker_options(server: ApiServer) -> None:  # noqa: F811
+    from worker.options import JobOptions
+
+    t = server.new_tenant()
+    c = server.client(t.token)
+    body = {"model_id": server.ready_model(t), "target_bits": 3, "calibration": "wiki",
+            "tuning": {"calib_seqs": 8, "calib_len": 128, "finetune_epochs": 2, "allocation": "kl",
+                       "allocation_strength": 0.5, "eval_tokens": 512, "seed": 7}}
+    job = c.post("/v1/jobs", json=body).json()
+    assert job["tuning"] == body["tuning"] | {"act_order": False}
+    assert c.get(f"/v1/jobs/{job['id']}").json()["tuning"] == job["tuning"]
+    with server.db() as s:
+        row = s.get(Job, job["id"])
+        opts = JobOptions.parse(row.method, row.target_bits, row.options, t.id)
+    assert (opts.calib_seqs, opts.calib_len, opts.finetune_epochs, opts.allocation, opts.allocation_strength,
+            opts.eval_tokens, opts.seed) == (8, 128, 2, "kl", 0.5, 512, 7)
+    plain = c.post("/v1/jobs", json={"model_id": body["model_id"], "target_bits": 4}).json()
+    assert plain["tuning"]["calib_seqs"] == JobOptions.calib_seqs and plain["tuning"]["allocation"] is None
 
 
 def test_job_progress_stages_and_metrics(server: ApiServer) -> None:  # noqa: F811

@@ -67,7 +67,7 @@ SECRET = "test-webhook-secret-" + "x" * 20
 # Short leases so a killed worker's job is requeued within seconds.
 FAST = {"NWC_LEASE_SECONDS": "5", "NWC_LEASE_HEARTBEAT_SECONDS": "1", "NWC_REAPER_INTERVAL_SECONDS": "1",
         "NWC_WEBHOOK_BACKOFF_SECONDS": "0.2", "NWC_WEBHOOK_ATTEMPTS": "4", "NWC_WORKER_DEVICE": "cpu",
-        "NWC_SECRET_KEY": SECRET}
+        "NWC_SECRET_KEY": SECRET, "NWC_WEBHOOK_ALLOW_PRIVATE": "true"}
 JOB_TIMEOUT = 600
 
 
@@ -465,14 +465,19 @@ def test_delivery_retries_with_backoff_then_gives_up() -> None:
     url = f"http://127.0.0.1:{srv.server_address[1]}/"
     sleeps: list[float] = []
     try:
+        # by default a loopback receiver is refused before any request is sent (SSRF guard), and not retried
         r = deliver(url, {"a": 1}, SECRET, attempts=5, backoff_s=0.5, sleep=sleeps.append)
+        assert not r.ok and r.attempts == 1 and "refused" in (r.error or "") and not seen and not sleeps
+        r = deliver(url, {"a": 1}, SECRET, attempts=5, backoff_s=0.5, sleep=sleeps.append, allow_private=True)
         assert r.ok and r.attempts == 3 and sleeps == [0.5, 1.0] and len(set(seen)) == 1
-        r = deliver(url, {"a": 1}, SECRET, attempts=5, backoff_s=0.5, sleep=sleeps.append)  # 400: final at once
+        r = deliver(url, {"a": 1}, SECRET, attempts=5, backoff_s=0.5, sleep=sleeps.append,
+                    allow_private=True)  # 400: final at once
         assert not r.ok and r.attempts == 1 and r.status == 400
     finally:
         srv.shutdown()
         srv.server_close()
-    r = deliver(url, {"a": 1}, SECRET, attempts=3, backoff_s=0.01, timeout_s=1)  # nobody listens any more
+    r = deliver(url, {"a": 1}, SECRET, attempts=3, backoff_s=0.01, timeout_s=1,
+                allow_private=True)  # nobody listens any more
     assert not r.ok and r.attempts == 3 and r.status is None
 
 

@@ -127,10 +127,13 @@ class DeliveryResult:
 
 def deliver(url: str, payload: dict[str, Any], secret: bytes | str, *, attempts: int = 5, backoff_s: float = 2.0,
             timeout_s: float = 10.0, sleep: Callable[[float], None] = time.sleep,
-            delivery_id: str | None = None) -> DeliveryResult:
+            delivery_id: str | None = None, allow_private: bool = False) -> DeliveryResult:
     """POST `payload` to `url`, signed, retrying with backoff_s, 2·backoff_s, 4·backoff_s, ... between attempts.
-    Each attempt is signed afresh (new timestamp) over the same body and delivery id."""
+    Each attempt is signed afresh (new timestamp) over the same body and delivery id. Unless `allow_private`, the
+    host is resolved before each attempt and a non-public address ends the delivery (api/egress.py)."""
     import httpx
+
+    from api.egress import BlockedDestination, resolve_checked
 
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
     delivery_id = delivery_id or uuid.uuid4().hex
@@ -139,6 +142,8 @@ def deliver(url: str, payload: dict[str, Any], secret: bytes | str, *, attempts:
     for i in range(1, attempts + 1):
         headers = signed_headers(secret, body, delivery_id=delivery_id)
         try:
+            if not allow_private:
+                resolve_checked(url)
             r = httpx.post(url, content=body, headers=headers, timeout=timeout_s, follow_redirects=False)
             status, error = r.status_code, None
             if 200 <= r.status_code < 300:
@@ -146,7 +151,9 @@ def deliver(url: str, payload: dict[str, Any], secret: bytes | str, *, attempts:
             error = f"HTTP {r.status_code}"
             if not (r.status_code >= 500 or r.status_code in _RETRY_STATUS):
                 return DeliveryResult(False, i, status, error, delivery_id)
-        except httpx.HTTPError as e:
+        except BlockedDestination as e:
+            return DeliveryResult(False, i, None, f"refused: {e}", delivery_id)
+        except (httpx.HTTPError, OSError) as e:  # OSError: the name did not resolve (may be transient)
             status, error = None, f"{type(e).__name__}: {e}"
         log.warning("webhook %s attempt %d/%d failed: %s", url, i, attempts, error)
         if i < attempts:
@@ -187,7 +194,7 @@ def send_job_webhook(job_id: str, settings: Any = None, *, wait_terminal_s: floa
                 return None  # delivered already (a repeated request or a redelivered task)
     result = deliver(url, payload, settings.secret_bytes(), attempts=settings.webhook_attempts,
                      backoff_s=settings.webhook_backoff_seconds, timeout_s=settings.webhook_timeout_seconds,
-                     delivery_id=delivery_id)
+                     delivery_id=delivery_id, allow_private=settings.webhook_allow_private)
     with session_scope(sf) as s:
         s.add(JobEvent(job_id=job_id, stage=None, kind="webhook",
                        message="delivered" if result.ok else f"delivery failed: {result.error}",

@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     webhook_attempts: int = Field(default=5, gt=0)
     webhook_backoff_seconds: float = Field(default=2.0, ge=0)
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Webhooks go to public addresses only (api/egress.py); true lets them reach private and loopback ones.
+    webhook_allow_private: bool = False
 
     # None = huggingface_hub's own default (which honours HF_ENDPOINT).
     hf_endpoint: str | None = None

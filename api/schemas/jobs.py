@@ -14,6 +14,7 @@ __all__ = [
     "Output",
     "JobStateName",
     "JobCreate",
+    "JobTuning",
     "JobOut",
     "JobDetail",
     "StageOut",
@@ -37,6 +38,8 @@ _JOB_EXAMPLE: dict[str, Any] = {
     "target_bits": 4.0,
     "calibration": "wiki",
     "outputs": ["bundle", "dense", "report"],
+    "tuning": {"calib_seqs": 32, "calib_len": 512, "finetune_epochs": 0, "allocation": None,
+               "allocation_strength": None, "act_order": False, "eval_tokens": 2048, "seed": 0},
     "webhook_url": "https://ci.example.com/hooks/nwc",
     "idempotency_key": "release-2026-11-23-smollm2-4bit",
     "state": "running",
@@ -53,6 +56,35 @@ _JOB_EXAMPLE: dict[str, Any] = {
 }
 
 
+class JobTuning(BaseModel):
+    """How a job compresses and checks, beyond method and rate. The bounds are the worker's
+    (worker/options.py), so a body valid here is a job the worker runs; defaults are the worker's."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"calib_seqs": 64, "calib_len": 512, "finetune_epochs": 2,
+                                         "allocation": "kl", "allocation_strength": 0.5, "eval_tokens": 4096}]},
+    )
+
+    calib_seqs: int = Field(default=32, ge=1, le=4096, description="Calibration sequences (calibrated methods).")
+    calib_len: int = Field(default=512, ge=8, le=32768, description="Tokens per calibration sequence.")
+    finetune_epochs: int = Field(
+        default=0, ge=0, le=100,
+        description="Calibrated nwc: epochs of block fine-tuning towards the original block's outputs (row scales "
+        "of coded layers, weights not yet coded, norms); 0 = off.",
+    )
+    allocation: Literal["none", "kl", "relative", "absolute"] | None = Field(
+        default=None,
+        description="Calibrated nwc: how rate is shared across layers (docs/CALIBRATION.md). Default: the codec's.",
+    )
+    allocation_strength: float | None = Field(default=None, ge=0, le=10, description="Scales the allocation's "
+                                              "level offsets (0 = none, 1 = full).")
+    act_order: bool = Field(default=False, description="gptq: code columns in order of decreasing Hessian diagonal.")
+    eval_tokens: int = Field(default=2048, ge=16, le=1 << 20, description="Held-out tokens the verification's "
+                             "perplexity and KL are measured on.")
+    seed: int = Field(default=0, ge=0, le=2**31, description="Seed of the calibration sampling.")
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -63,6 +95,8 @@ class JobCreate(BaseModel):
                  "webhook_url": "https://ci.example.com/hooks/nwc"},
                 {"model_id": "mdl_0c4f8e2a9b1d4e7f8a6b5c4d3e2f1a0b", "method": "gptq", "target_bits": 4,
                  "calibration": "cal_5e4d3c2b1a0f9e8d7c6b5a4f3e2d1c0b"},
+                {"model_id": "mdl_0c4f8e2a9b1d4e7f8a6b5c4d3e2f1a0b", "method": "nwc", "target_bits": 3.0,
+                 "calibration": "wiki", "tuning": {"calib_seqs": 64, "finetune_epochs": 2}},
             ]
         },
     )
@@ -86,6 +120,8 @@ class JobCreate(BaseModel):
     webhook_url: str | None = Field(
         default=None, max_length=2048, description="http(s) URL that receives a POST when the job ends."
     )
+    tuning: JobTuning = Field(default_factory=JobTuning, description="Calibration size, fine-tuning, rate "
+                              "allocation, evaluation length and seed.")
 
     @field_validator("outputs")
     @classmethod
@@ -138,6 +174,7 @@ class JobOut(BaseModel):
     target_bits: float
     calibration: str
     outputs: list[str]
+    tuning: JobTuning
     webhook_url: str | None = None
     idempotency_key: str | None = None
     state: JobStateName

@@ -27,9 +27,10 @@ from api.core.config import Settings
 from api.db.models import TERMINAL_JOB_STATES, Artifact, Job, JobEvent, JobState, Model, ModelState, Tenant
 from api.db.scoping import get_for_tenant, tenant_select
 from api.db.types import utcnow
+from api.egress import BlockedDestination, check_url
 from api.errors import ApiError
 from api.logs import bind
-from api.schemas.jobs import EventOut, JobCreate, JobDetail, JobOut, StageOut
+from api.schemas.jobs import EventOut, JobCreate, JobDetail, JobOut, JobTuning, StageOut
 from api.services import keys
 from api.services.calibration import find_calibration
 from api.services.dispatch import Dispatcher, DispatchError
@@ -79,6 +80,7 @@ def job_out(job: Job, now: datetime | None = None) -> JobOut:
         target_bits=job.target_bits,
         calibration=opts.get("calibration", "none"),
         outputs=list(opts.get("outputs", [])),
+        tuning=JobTuning.model_validate({k: v for k in JobTuning.model_fields if (v := opts.get(k)) is not None}),
         webhook_url=job.webhook_url,
         idempotency_key=job.idempotency_key,
         state=str(job.state),  # type: ignore[arg-type]
@@ -277,11 +279,16 @@ def create_job(
     if model.state != ModelState.READY:
         raise ApiError(409, "model_not_ready", f"model {model.id} is not ready (finalize the upload or wait for "
                        "the import)")
+    if body.webhook_url is not None and not settings.webhook_allow_private:
+        try:
+            check_url(body.webhook_url)
+        except BlockedDestination as e:
+            raise ApiError(422, "webhook_url_not_allowed", f"{e} (NWC_WEBHOOK_ALLOW_PRIVATE lifts this)") from None
     cal_key = None
     if body.calibration is not None and body.calibration.startswith("cal_"):
         cal_key = find_calibration(store, tenant_id, body.calibration).key
     options = {"calibration": body.calibration, "calibration_key": cal_key, "outputs": list(body.outputs),
-               "request_sha256": digest}
+               **body.tuning.model_dump(exclude_none=True), "request_sha256": digest}
     _check_with_worker(body, options, tenant_id)
     with _admission_lock:
         _admit(db, store, settings, tenant_id)
@@ -363,7 +370,7 @@ def retry_job(
     with _admission_lock:
         _admit(db, store, settings, tenant_id)
         saved = {k: getattr(job, k) for k in ("state", "stage", "progress", "eta_at", "error", "finished_at",
-                                              "started_at")}
+                                              "started_at", "attempts")}
         job.state = JobState.QUEUED
         job.stage = None
         job.progress = 0.0
@@ -371,6 +378,7 @@ def retry_job(
         job.error = None
         job.finished_at = None
         job.started_at = None
+        job.attempts = 0  # a retry gets the full budget of attempts again (worker: job_max_attempts)
         job.lease_owner = None
         job.lease_expires_at = None
         db.add(JobEvent(job_id=job.id, kind="state", message="retried by the API",
