@@ -7,10 +7,12 @@ The database is NWC_DATABASE_URL (or the embedded SQLite default), or `--databas
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import typer
 from sqlalchemy import or_, select
@@ -32,6 +34,7 @@ __all__ = [
     "revoke_key",
     "list_keys",
     "set_limits",
+    "bootstrap_local_key",
 ]
 
 
@@ -115,6 +118,20 @@ def set_limits(
     t.max_concurrent_jobs = max_concurrent_jobs
     t.max_storage_bytes = max_storage_bytes
     return t
+
+
+def bootstrap_local_key(db: Session, key_file: Path) -> str | None:
+    """Embedded mode's first start: with no API key in the database yet, create tenant "local" and a key, write
+    the key to `key_file` (mode 0600, the user's own data directory) and return it; otherwise None. Keys stay
+    hash-only in the database; the file is the one copy, which the user may delete once saved elsewhere."""
+    if db.scalar(select(ApiKey.id).limit(1)) is not None:
+        return None
+    _, _, token = create_key(db, "local", "created by nwc serve", create=True)
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
 
 
 # ----------------------------------------------------------------------------- CLI

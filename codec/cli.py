@@ -349,6 +349,7 @@ def serve(
 
     settings = get_settings()
     upgrade(settings.db_url)
+    _bootstrap_key(settings)
     proc = None
     if worker_:
         env = {**os.environ, "NWC_DATA_DIR": str(settings.data_dir)}
@@ -372,6 +373,27 @@ def serve(
         signal.signal(signal.SIGTERM, previous)
         if proc is not None:
             _stop_group(proc, grace)
+
+
+def _bootstrap_key(settings) -> None:
+    """Embedded mode (SQLite): a fresh database gets tenant "local" and an API key in DATA_DIR/local-api-key, so
+    the dashboard and `nwc remote` work at once. Production databases get keys from `nwc admin create-key`."""
+    if not settings.db_url.startswith("sqlite"):
+        return
+    from api.admin import bootstrap_local_key
+    from api.db.session import make_engine, make_session_factory, session_scope
+
+    key_file = settings.data_dir / "local-api-key"
+    engine = make_engine(settings.db_url, null_pool=True)
+    try:
+        with session_scope(make_session_factory(engine)) as db:
+            token = bootstrap_local_key(db, key_file)
+    finally:
+        engine.dispose()
+    if token:
+        typer.echo(f"nwc serve: created tenant 'local' and its API key (also in {key_file}):\n  {token}", err=True)
+    elif key_file.exists():
+        typer.echo(f"nwc serve: the local API key is in {key_file}", err=True)
 
 
 def _stop_group(proc, grace: float) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,6 +70,7 @@ FAST = {"NWC_LEASE_SECONDS": "5", "NWC_LEASE_HEARTBEAT_SECONDS": "1", "NWC_REAPE
         "NWC_WEBHOOK_BACKOFF_SECONDS": "0.2", "NWC_WEBHOOK_ATTEMPTS": "4", "NWC_WORKER_DEVICE": "cpu",
         "NWC_SECRET_KEY": SECRET, "NWC_WEBHOOK_ALLOW_PRIVATE": "true"}
 JOB_TIMEOUT = 600
+PPL_RATIO_BOUND_4BPW = 1.35  # as tests/test_calibrated.py (measured: +10.5 % at 4 bits, docs/BENCHMARKS.md)
 
 
 # ----------------------------------------------------------------------------- harness
@@ -428,6 +430,77 @@ def test_services_sigkill_mid_job_resumes_with_identical_bundle(services_dep: De
     print(f"killed after units {done_at_kill}; total {time.monotonic() - t0:.0f} s")
 
 
+def test_services_end_to_end_through_the_api(services_dep: Deployment, smollm2_dir: Path) -> None:
+    """What a platform user does, every part real and its own process: PostgreSQL + Redis + SeaweedFS S3, the API
+    (`nwc serve --no-worker`), a worker (`nwc worker`), a key from `nwc admin create-key`, and `nwc remote submit
+    --wait --download`: upload SmolLM2-135M-Instruct → calibrated NWC job at 4 bits → poll → download through
+    presigned S3 URLs → transformers loads the dense model, whose perplexity on held-out Wikipedia is within
+    PPL_RATIO_BOUND_4BPW of the original's (the bound of the CLI's calibrated end-to-end test, same calibration)."""
+    from services import free_ports
+
+    from codec.assets import eval_text
+    from codec.evaluate import perplexity
+
+    dep = services_dep
+    port = free_ports(1)[0]
+    base = f"http://127.0.0.1:{port}"
+    env = {**dep.env, "NWC_PUBLIC_URL": base}
+    api_log = open(dep.log_dir / "api.log", "wb")  # noqa: SIM115
+    api = subprocess.Popen([sys.executable, "-m", "codec.cli", "serve", "--no-worker", "--port", str(port)], env=env,
+                           cwd=ROOT, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True)
+    dep.workers.append(api)  # stopped (process group killed) with the workers
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:  # database, broker and store reachable
+                break
+        except httpx.HTTPError:
+            pass
+        assert api.poll() is None and time.monotonic() < deadline, dep.logs()
+        time.sleep(0.2)
+    key = subprocess.run([sys.executable, "-m", "codec.cli", "admin", "create-key", "--tenant", "e2e",
+                          "--create-tenant"], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+                         ).stdout.strip()
+    dep.start_worker("e2e")
+
+    out = dep.log_dir.parent / "downloaded"
+    t0 = time.monotonic()
+    sub = subprocess.run(
+        [sys.executable, "-m", "codec.cli", "remote", "--url", base, "--api-key", key, "submit", str(smollm2_dir),
+         "--bits", "4", "--calib", "wiki", "--calib-seqs", "8", "--calib-len", "256", "--eval-tokens", "256",
+         "--wait", "--download", str(out)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert sub.returncode == 0, f"{sub.stdout}\n{sub.stderr}\n{dep.logs()}"
+    job_id = sub.stdout.strip().splitlines()[-1]
+
+    from api.client import NWCClient
+
+    with NWCClient(base, key) as client:
+        job = client.get_job(job_id)
+        assert job.state == "succeeded" and job.attempts == 1 and job.tuning.calib_seqs == 8
+        assert [st.name for st in job.stages] == ["fetch", "plan", "compress", "verify", "publish"]
+        report = client.get_report(job_id)
+        names = {a.name for a in client.list_artifacts(job_id)}
+    assert report["verification"]["ok"] and report["calibration"]["n_seq"] == 8
+    assert abs(report["measured_bits"] - 4.0) <= 0.05
+    assert "bundle/model.nwc" in names and "report.json" in names
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == names  # all, checksummed
+
+    from transformers import AutoModelForCausalLM
+
+    dense = out / "dense"
+    assert AutoModelForCausalLM.from_pretrained(dense).config.num_hidden_layers == 30
+    text = eval_text()
+    ppl = perplexity(dense, text, max_tokens=4096).ppl
+    ppl_orig = perplexity(smollm2_dir, text, max_tokens=4096).ppl
+    assert ppl < PPL_RATIO_BOUND_4BPW * ppl_orig, (ppl, ppl_orig)
+    metrics = httpx.get(f"{base}/metrics", timeout=10).text
+    assert re.search(r'^nwc_jobs\{state="succeeded"\} 1(\.0)?$', metrics, re.M), metrics
+    print(f"end to end: {time.monotonic() - t0:.0f} s; perplexity {ppl:.2f} vs {ppl_orig:.2f} original")
+
+
 # ----------------------------------------------------------------------------- unit tests (no worker process)
 
 
@@ -584,8 +657,9 @@ def test_celery_settings_for_long_gpu_jobs(tmp_path: Path) -> None:
 
 
 def test_serve_migrates_runs_a_worker_and_stops_it(tmp_path: Path) -> None:
-    """`nwc serve`: migrations applied, the API answers, the local worker takes jobs from the filesystem broker
-    (a job on a model that is not ready fails at once), and SIGTERM stops the API and the worker's whole group."""
+    """`nwc serve`: migrations applied, a first API key written for tenant "local", the API answers, the local
+    worker takes jobs from the filesystem broker (a job on a model that is not ready fails at once), and SIGTERM
+    stops the API and the worker's whole group."""
     import socket
     import urllib.request
 
@@ -606,6 +680,12 @@ def test_serve_migrates_runs_a_worker_and_stops_it(tmp_path: Path) -> None:
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
                 time.sleep(0.3)
+        key_file = dep.settings.data_dir / "local-api-key"  # first start: tenant "local" and its key
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/jobs",
+                                     headers={"Authorization": f"Bearer {key_file.read_text().strip()}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200 and json.loads(r.read())["items"] == []
         children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True)
         (worker_pid,) = [int(p) for p in children.stdout.split()]
         with session_scope(dep.sf) as s:
