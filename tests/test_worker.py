@@ -605,14 +605,60 @@ def test_reaper_requeues_expired_leases_and_gives_up(sqlite_dep: Deployment) -> 
     sent: list[str] = []
     notified: list[str] = []
     out = reap(dep.settings, enqueue=sent.append, notify=notified.append)
-    assert out == {"requeued": [lost], "failed": [done], "resent": [stale]}
+    assert out == {"requeued": [lost], "failed": [done], "resent": [stale], "imports_failed": []}
     assert sorted(sent) == sorted([lost, stale]) and notified == [done]
     j = get_job(dep, lost)
     assert j.state == JobState.QUEUED and j.lease_owner is None and j.attempts == 1
     assert get_job(dep, done).state == JobState.FAILED and "gave up" in get_job(dep, done).error
     assert get_job(dep, alive).state == JobState.RUNNING
     assert reap(dep.settings, enqueue=sent.append, notify=notified.append) == {"requeued": [], "failed": [],
-                                                                               "resent": []}
+                                                                               "resent": [], "imports_failed": []}
+
+
+def test_reaper_fails_hub_imports_whose_api_process_is_gone(sqlite_dep: Deployment) -> None:
+    """A Hub import runs in the API process (the caller's token never reaches the broker); if that process dies,
+    the import's heartbeat stops and the reaper fails the model with a clear error and deletes its files."""
+    from worker.reaper import reap
+
+    dep = sqlite_dep
+    rows = {}
+    with session_scope(dep.sf) as s:
+        tenant = Tenant(name=f"t-{uuid.uuid4().hex[:8]}")
+        s.add(tenant)
+        s.flush()
+        for name in ("dead", "alive"):
+            m = Model(tenant_id=tenant.id, name=name, source=ModelSource.HUB, state=ModelState.PENDING)
+            s.add(m)
+            s.flush()
+            key = f"tenants/{tenant.id}/models/{m.id}/files/hub/config.json"
+            dep.store.put_stream(key, b"{}")
+            s.add(ModelFile(model_id=m.id, path="config.json", key=key, size=2, sha256="0" * 64))
+            m.total_bytes = 2
+            rows[name] = (m.id, key)
+    with session_scope(dep.sf) as s:  # after the inserts: their flushes set updated_at to now
+        s.get(Model, rows["dead"][0]).updated_at = datetime.now(UTC) - timedelta(hours=1)
+    out = reap(dep.settings, enqueue=lambda _: None, notify=lambda _: None)
+    assert out["imports_failed"] == [rows["dead"][0]]
+    with dep.sf() as s:
+        dead, alive = s.get(Model, rows["dead"][0]), s.get(Model, rows["alive"][0])
+        assert dead.state == ModelState.FAILED and "interrupted" in dead.error and not dead.files
+        assert dead.total_bytes == 0
+        assert alive.state == ModelState.PENDING and len(alive.files) == 1
+    assert not dep.store.exists(rows["dead"][1]) and dep.store.exists(rows["alive"][1])
+    assert reap(dep.settings, enqueue=lambda _: None, notify=lambda _: None)["imports_failed"] == []
+
+    # the sign of life a running import gives: its row's updated_at moves on every beat
+    from api.services.hub import _Heartbeat
+
+    alive_id = rows["alive"][0]
+    with session_scope(dep.sf) as s:
+        s.get(Model, alive_id).updated_at = before = datetime.now(UTC) - timedelta(hours=1)
+    beat = _Heartbeat(dep.sf, alive_id, 0.05)
+    beat.start()
+    time.sleep(0.5)
+    beat.stop()
+    with dep.sf() as s:
+        assert s.get(Model, alive_id).updated_at.replace(tzinfo=UTC) > before + timedelta(minutes=59)
 
 
 def test_job_options_from_the_api() -> None:

@@ -1,4 +1,5 @@
-"""The reaper: finds jobs whose worker is gone and puts them back in the queue.
+"""The reaper: finds jobs whose worker is gone and puts them back in the queue (and fails Hub imports whose API
+process is gone: api/services/hub.py).
 
 Embedded brokers have no visibility timeout and a SIGKILLed worker's message is simply lost, so recovery is
 driven by the job table: a running job whose lease has expired (no heartbeat for `lease_seconds`) is set back
@@ -82,7 +83,11 @@ def reap(settings: Settings | None = None, *, enqueue: Callable[[str], None] | N
         enqueue(job_id)
     for job_id in failed:
         notify(job_id)
-    return {"requeued": requeued, "failed": failed, "resent": resent}
+    from api.services.hub import fail_interrupted_imports
+    from api.storage import make_store
+
+    imports = fail_interrupted_imports(sf, make_store(settings), settings)
+    return {"requeued": requeued, "failed": failed, "resent": resent, "imports_failed": imports}
 
 
 class ReaperThread(threading.Thread):

@@ -11,6 +11,13 @@ ready, or failed with the reason after deleting whatever it had stored.
 The caller's token is used for this import only and never written anywhere. Without one the
 server passes token=False, so its own Hugging Face credentials (HF_TOKEN, a saved login) are
 never used on a tenant's behalf.
+
+That is also why the download runs in the API process and not as a worker task: a task's arguments
+sit in the broker (Redis, or files in embedded mode), and the token must not. The price is that an
+API process that dies mid-import cannot finish it; so the import touches its model row every
+`lease_heartbeat_seconds`, and the workers' reaper fails an import silent for `lease_seconds`
+(`fail_interrupted_imports`) and deletes what it had stored: the user sees a clear error and imports
+again.
 """
 
 from __future__ import annotations
@@ -18,10 +25,13 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.core.config import Settings
@@ -43,7 +53,7 @@ from api.services.validation import (
 )
 from api.storage import ObjectStore
 
-__all__ = ["ImportPlan", "plan_import", "run_import"]
+__all__ = ["ImportPlan", "plan_import", "run_import", "fail_interrupted_imports"]
 
 log = logging.getLogger("nwc.api.hub")
 
@@ -159,6 +169,8 @@ def run_import(
     from huggingface_hub import hf_hub_download
 
     tmp = Path(tempfile.mkdtemp(prefix="import-", dir=tmp_root))
+    alive = _Heartbeat(session_factory, model_id, settings.lease_heartbeat_seconds)
+    alive.start()
     with bound(tenant_id=tenant_id, model_id=model_id):
         log.info("hub import started", extra={"hub_id": plan.hub_id, "commit": plan.commit, "files": len(plan.files)})
         try:
@@ -207,8 +219,58 @@ def run_import(
                     m.error = f"import of {plan.hub_id}@{plan.commit} failed: {message}"
                     db.commit()
         finally:
+            alive.stop()
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _Gone(Exception):
     pass
+
+
+class _Heartbeat(threading.Thread):
+    """Touches the importing model's updated_at every `interval` seconds: the sign of life the reaper reads."""
+
+    def __init__(self, session_factory: sessionmaker[Session], model_id: str, interval: float) -> None:
+        super().__init__(name=f"import-heartbeat-{model_id}", daemon=True)
+        self.sf, self.model_id, self.interval = session_factory, model_id, interval
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            try:
+                with self.sf() as db:
+                    db.execute(update(Model).where(Model.id == self.model_id, Model.state == ModelState.PENDING)
+                               .values(updated_at=utcnow()).execution_options(synchronize_session=False))
+                    db.commit()
+            except Exception:  # a missed beat is harmless; lease_seconds spans many of them
+                log.warning("import heartbeat failed", exc_info=True)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(10)
+
+
+def fail_interrupted_imports(session_factory: sessionmaker[Session], store: ObjectStore, settings: Settings
+                             ) -> list[str]:
+    """Hub imports with no heartbeat for `lease_seconds` (their API process is gone): failed with a clear error,
+    their stored files deleted. Returns the model ids. Conditional UPDATEs: concurrent reapers are safe."""
+    cutoff = utcnow() - timedelta(seconds=settings.lease_seconds)
+    with session_factory() as db:
+        stale = list(db.execute(select(Model.id, Model.tenant_id).where(
+            Model.source == ModelSource.HUB, Model.state == ModelState.PENDING, Model.updated_at < cutoff)))
+    failed = []
+    for model_id, tenant_id in stale:
+        with session_factory() as db:
+            res = db.execute(update(Model).where(
+                Model.id == model_id, Model.state == ModelState.PENDING, Model.updated_at < cutoff,
+            ).values(state=ModelState.FAILED, total_bytes=0, updated_at=utcnow(),
+                     error="the import was interrupted (the API process stopped); import the model again"
+                     ).execution_options(synchronize_session=False))
+            if res.rowcount != 1:
+                continue
+            db.execute(delete(ModelFile).where(ModelFile.model_id == model_id))
+            db.commit()
+        discard_prefix(store, keys.model_files_prefix(tenant_id, model_id))
+        log.warning("hub import %s interrupted: failed", model_id)
+        failed.append(model_id)
+    return failed
