@@ -196,8 +196,38 @@ def render(points: list[Point], args: argparse.Namespace, seconds: float) -> str
         gen = p.generation.replace("\n", " ").replace("|", "/")[:40]
         lines.append(f"| {p.method} | {p.target:g} | {p.bits:.3f} | {p.ppl:.3f} | {100 * (p.ppl / fp - 1):+.1f} | "
                      f"{p.kl:.4f} | {100 * p.top1:.1f} % | {p.compress_s:.0f} | {p.peak_rss_mb:.0f} | {gen} |")
-    lines += ["", f"![perplexity and KL vs measured bits]({model.plot_path().name})"]
+    lines += ["", f"![perplexity and KL vs measured bits]({model.plot_path().name})", "", *goals(points)]
     return "\n".join(lines)
+
+
+GOALS = {4.0: 1.0, 3.0: 4.0}  # issue 4: calibrated NWC within +1 % of FP perplexity at 4 bits, +4 % at 3 bits
+
+
+def goals(points: list[Point]) -> list[str]:
+    """The issue's goals checked against the saved points: calibrated NWC (best of nwc, nwc-ft) at 4 and 3 bits,
+    and NWC against every GPTQ point at equal or fewer measured bits/weight (GPTQ lands ≈ 0.29 above its target,
+    so the NWC point at the same target is the fair comparison and also uses fewer bits)."""
+    fp = points[0].ppl_fp
+    nwc = [p for p in points if p.method in ("nwc", "nwc-ft")]
+    out = ["**Goals** (computed from the points above):", ""]
+    for target, limit in GOALS.items():
+        at = [p for p in nwc if p.target == target]
+        if not at:
+            continue
+        best = min(at, key=lambda p: p.ppl)
+        delta = 100 * (best.ppl / fp - 1)
+        out.append(f"- {target:g} bits: best calibrated NWC ({best.method}) {best.ppl:.3f} = {delta:+.1f} % vs FP; "
+                   f"goal ≤ +{limit:g} %: **{'met' if delta <= limit else 'not met'}**.")
+    for g in sorted((p for p in points if p.method == "gptq"), key=lambda p: p.bits):
+        rivals = [p for p in nwc if p.bits <= g.bits + 1e-9]
+        if not rivals:
+            out.append(f"- GPTQ at {g.bits:.2f} bits: no calibrated NWC point at ≤ that rate.")
+            continue
+        r = max(rivals, key=lambda p: (p.bits, -p.ppl))
+        verdict = "better" if r.ppl < g.ppl else "**worse**"
+        out.append(f"- GPTQ {g.ppl:.4g} at {g.bits:.2f} bits vs {r.method} {r.ppl:.4g} at {r.bits:.2f} bits: NWC "
+                   f"{verdict}.")
+    return out
 
 
 def plot(points: list[Point], path: Path) -> None:
