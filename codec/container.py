@@ -44,6 +44,7 @@ __all__ = [
     "TensorEntry",
     "ContainerWriter",
     "ContainerReader",
+    "prefix_size",
 ]
 
 # \x00 stops C-string handling, \r\n is altered by text-mode newline translation and \x1a
@@ -337,6 +338,11 @@ def _entry_from_json(obj: object, index: int) -> TensorEntry:
     )
 
 
+def prefix_size(header: ContainerHeader) -> int:
+    """Bytes of preamble + header JSON a container with this header starts with."""
+    return PREAMBLE_SIZE + len(_dumps(_header_to_json(_check_header(header))))
+
+
 def table_row_bytes(record: TensorRecord, offset: int, length: int) -> int:
     """Bytes the table row of `record` will take (+1 separator), given its offset and payload length:
     lets a writer budget a file before its tensors are coded. Exact up to the digits of segment offsets."""
@@ -427,6 +433,11 @@ class ContainerWriter:
         except BaseException:
             self.abort()
             raise
+
+    @property
+    def prefix_bytes(self) -> int:
+        """Bytes of preamble + header JSON (written first; records start after them)."""
+        return len(self._prefix)
 
     @property
     def bytes_written(self) -> int:

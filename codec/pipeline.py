@@ -119,6 +119,20 @@ class TensorPlan:
     curve: np.ndarray | None = None  # bits/weight per level
     alias_of: str | None = None
     table_bytes: int = 0  # its row in the container's tensor table
+    shape: tuple[int, ...] = ()
+    dtype: str = ""
+    digest: str = ""  # content digest: identical tensors (tied weights) are stored once
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["curve"] = None if self.curve is None else [float(x) for x in self.curve]
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TensorPlan:
+        curve = None if d["curve"] is None else np.asarray(d["curve"], np.float64)
+        return cls(**{**d, "curve": curve, "shape": tuple(d["shape"])})
 
 
 def record_stub(name: str, shape: tuple[int, ...], dtype: str, method: str, file: str,
@@ -154,36 +168,63 @@ def rate_curve(tc: NWCTensorCodec, chunks: torch.Tensor, rows: int, cols: int, s
     return monotone(bits * flat.shape[0] / (rows * cols))
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(to_bytes(t)).hexdigest() + str(t.dtype) + str(tuple(t.shape))
+
+
+def plan_tensors(source: ModelSource, shard: Path, tc: NWCTensorCodec, include: Callable[[str], bool] | None,
+                 seed: int, first_index: int, on_tensor: Callable[[str], None] | None = None) -> list[TensorPlan]:
+    """Plans of one shard's tensors, before aliases across shards are known (`resolve_aliases`). `first_index` is
+    the shard's first tensor's position in the model, so a curve's sampling seed does not depend on who plans it.
+    A tensor identical to an earlier one of this shard gets no curve (it becomes an alias)."""
+    plans: list[TensorPlan] = []
+    seen: set[str] = set()
+    ts = [x for x in source.tensors if x.file == shard.name]
+    for i, (name, t) in enumerate(source.load(shard, [x.name for x in ts])):
+        digest = tensor_digest(t)
+        method = default_method(ts[i].dtype, ts[i].shape)
+        if include is not None and not include(name):
+            method = "raw"
+        if digest in seen:
+            p = TensorPlan(name, shard.name, "alias", t.numel(), 0)
+        elif method == "nwc":
+            prep = tc.prepare(t)
+            curve = rate_curve(tc, prep.chunks, prep.rows, prep.cols, seed + first_index + i)
+            p = TensorPlan(name, shard.name, "nwc", t.numel(), 2 * prep.rows + prep.cols + ANS_OVERHEAD_BYTES, curve)
+        else:
+            p = TensorPlan(name, shard.name, "raw", t.numel(), t.numel() * t.element_size())
+        p.shape, p.dtype, p.digest = tuple(ts[i].shape), ts[i].dtype, digest
+        seen.add(digest)
+        plans.append(p)
+        if on_tensor is not None:
+            on_tensor(name)
+    return plans
+
+
+def resolve_aliases(plans: list[TensorPlan], bits: float) -> list[TensorPlan]:
+    """Tied weights stored twice, within or across shards: the first in model order is coded, every later tensor
+    with the same content becomes an `alias` of it. Then each tensor's table row is sized for a file at `bits`."""
+    first: dict[str, str] = {}
+    file_size = int(bits * sum(p.numel for p in plans) / 8)
+    for p in plans:
+        if p.digest in first:
+            p.method, p.alias_of, p.curve, p.fixed_bytes = "alias", first[p.digest], None, 0
+        first.setdefault(p.digest, p.name)
+        p.table_bytes = table_row_bytes(
+            record_stub(p.name, p.shape, p.dtype, p.method, p.file, p.alias_of),
+            file_size, int(p.fixed_bytes + (p.numel * bits / 8 if p.method == "nwc" else 0)),
+        )
+    return plans
+
+
 def plan_model(source: ModelSource, tc: NWCTensorCodec, include: Callable[[str], bool] | None,
                seed: int, progress: bool, bits: float, on_progress: ProgressFn | None = None) -> list[TensorPlan]:
-    plans: list[TensorPlan] = []
-    seen: dict[str, str] = {}
     bar = Meter("plan", len(source.tensors), "tensor", progress, on_progress)
-    for shard, ts in source.by_shard():
-        for i, (name, t) in enumerate(source.load(shard, [x.name for x in ts])):
-            digest = hashlib.sha256(to_bytes(t)).hexdigest() + str(t.dtype) + str(tuple(t.shape))
-            method = default_method(ts[i].dtype, ts[i].shape)
-            if include is not None and not include(name):
-                method = "raw"
-            if digest in seen:  # tied weights stored twice: keep one copy
-                plans.append(TensorPlan(name, shard.name, "alias", t.numel(), 0, alias_of=seen[digest]))
-            elif method == "nwc":
-                p = tc.prepare(t)
-                curve = rate_curve(tc, p.chunks, p.rows, p.cols, seed + len(plans))
-                plans.append(TensorPlan(name, shard.name, "nwc", t.numel(),
-                                        2 * p.rows + p.cols + ANS_OVERHEAD_BYTES, curve))
-            else:
-                plans.append(TensorPlan(name, shard.name, "raw", t.numel(), t.numel() * t.element_size()))
-            seen.setdefault(digest, name)
-            p = plans[-1]
-            file_size = int(bits * source.total_params / 8)
-            p.table_bytes = table_row_bytes(
-                record_stub(name, ts[i].shape, ts[i].dtype, p.method, shard.name, p.alias_of),
-                file_size, int(p.fixed_bytes + (p.numel * bits / 8 if p.method == "nwc" else 0)),
-            )
-            bar.update(detail=name)
+    plans: list[TensorPlan] = []
+    for shard, _ in source.by_shard():
+        plans += plan_tensors(source, shard, tc, include, seed, len(plans), lambda name: bar.update(detail=name))
     bar.close()
-    return plans
+    return resolve_aliases(plans, bits)
 
 
 def rate_items(plans: list[TensorPlan]) -> list[RateItem]:
@@ -210,12 +251,63 @@ def encode_model_free(tc: NWCTensorCodec, t: torch.Tensor, level: float) -> tupl
     return enc.decoded, nwc_segments(prep.scales, enc.levels, enc.ans, enc.escapes), enc.levels
 
 
+def bundle_header(source: ModelSource, codec: LoadedCodec, bits: float) -> ContainerHeader:
+    return ContainerHeader(
+        codec.info.id, codec.info.sha256, f"nwc {__version__}",
+        {"source": source.root.name, "target_bits": f"{bits:g}", "shards": json.dumps(source.shard_metadata)},
+    )
+
+
+def encode_tensors(source: ModelSource, shard: Path, tc: NWCTensorCodec, plans: dict[str, TensorPlan],
+                   rc: RateController, writer: ContainerWriter, bar: Meter, base: int = 0) -> list[TensorReport]:
+    """Code one shard's tensors into `writer`, in source order. Closed loop: before each tensor `rc` re-solves the
+    level against what is already written (`writer.bytes_written - base`, and the table so far)."""
+    reports: list[TensorReport] = []
+    for name, t in source.load(shard, [x.name for x in source.tensors if x.file == shard.name]):
+        p = plans[name]
+        level = rc.advance(name, writer.bytes_written - base, writer.table_bytes)
+        stub = record_stub(name, tuple(t.shape), dtype_name(t.dtype), p.method, shard.name, p.alias_of)
+        err = None
+        if p.method == "nwc":
+            decoded, stub.segments, levels = encode_model_free(tc, t, level)
+            err = nmse(as_matrix(t), decoded)
+            level = float(levels.mean())
+        elif p.method == "raw":
+            stub.segments = {"data": to_bytes(t)}
+        entry = writer.add(stub)
+        reports.append(TensorReport(
+            name, list(t.shape), p.method, t.numel(), entry.nbytes, 8 * entry.nbytes / max(t.numel(), 1),
+            err, level, t.shape[0] if t.ndim else 1,
+        ))
+        bar.update(t.numel(), name)
+    return reports
+
+
+def finish_bundle(source: ModelSource, out: Path, codec: LoadedCodec, bits: float, src: Path | str, t0: float,
+                  device: str, reports: list[TensorReport]) -> CompressReport:
+    """After `out/model.nwc` is written: the model's small files, the quantization config and report.json."""
+    copy_aux_files(source, out)
+    from codec.hf import write_quantization_config  # lazy: imports transformers
+
+    write_quantization_config(out, codec.info.id)
+    file_bytes = (out / BUNDLE_FILE).stat().st_size
+    total_params = source.total_params
+    report = CompressReport(
+        str(src), codec.info.id, codec.info.sha256, bits, 8 * file_bytes / max(total_params, 1), file_bytes,
+        total_params, sum(r.numel for r in reports if r.method == "nwc"), time.time() - t0, peak_rss_mb(), device,
+        reports,
+    )
+    (out / REPORT_FILE).write_text(report.to_json())
+    return report
+
+
 def compress_model(src: Path, out: Path, bits: float, codec_id: str | None = None, device: str = "auto",
                    progress: bool = True, include: Callable[[str], bool] | None = None,
                    seed: int = 0, on_progress: ProgressFn | None = None) -> CompressReport:
     """Compress every tensor of `src` into the bundle directory `out` at `bits` bits/weight on average,
     counting every byte of the container file against every parameter. `on_progress` receives plan and
-    compress events (an exception it raises aborts the run and leaves no bundle)."""
+    compress events (an exception it raises aborts the run and leaves no bundle). codec.shards does the same
+    split by shard across processes."""
     t0 = time.time()
     source = open_source(Path(src))
     dev = resolve_device(device)
@@ -228,45 +320,14 @@ def compress_model(src: Path, out: Path, bits: float, codec_id: str | None = Non
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    header = ContainerHeader(
-        codec.info.id, codec.info.sha256, f"nwc {__version__}",
-        {"source": source.root.name, "target_bits": f"{bits:g}", "shards": json.dumps(source.shard_metadata)},
-    )
     reports: list[TensorReport] = []
     by_name = {p.name: p for p in plans}
     bar = Meter("compress", total_params, "w", progress, on_progress, desc=f"compress {bits:g} bpw")
-    with ContainerWriter(out / BUNDLE_FILE, header) as writer:
-        for shard, ts in source.by_shard():
-            for name, t in source.load(shard, [x.name for x in ts]):
-                p = by_name[name]
-                level = rc.advance(name, writer.bytes_written, writer.table_bytes)
-                stub = record_stub(name, tuple(t.shape), dtype_name(t.dtype), p.method, shard.name, p.alias_of)
-                err = None
-                if p.method == "nwc":
-                    decoded, stub.segments, levels = encode_model_free(tc, t, level)
-                    err = nmse(as_matrix(t), decoded)
-                    level = float(levels.mean())
-                elif p.method == "raw":
-                    stub.segments = {"data": to_bytes(t)}
-                entry = writer.add(stub)
-                reports.append(TensorReport(
-                    name, list(t.shape), p.method, t.numel(), entry.nbytes, 8 * entry.nbytes / max(t.numel(), 1),
-                    err, level, t.shape[0] if t.ndim else 1,
-                ))
-                bar.update(t.numel(), name)
+    with ContainerWriter(out / BUNDLE_FILE, bundle_header(source, codec, bits)) as writer:
+        for shard, _ in source.by_shard():
+            reports += encode_tensors(source, shard, tc, by_name, rc, writer, bar)
         bar.close()
-    copy_aux_files(source, out)
-    from codec.hf import write_quantization_config  # lazy: imports transformers
-
-    write_quantization_config(out, codec.info.id)
-    file_bytes = (out / BUNDLE_FILE).stat().st_size
-    report = CompressReport(
-        str(src), codec.info.id, codec.info.sha256, bits, 8 * file_bytes / max(total_params, 1), file_bytes,
-        total_params, sum(p.numel for p in plans if p.method == "nwc"), time.time() - t0, peak_rss_mb(), dev,
-        reports,
-    )
-    (out / REPORT_FILE).write_text(report.to_json())
-    return report
+    return finish_bundle(source, out, codec, bits, src, t0, dev, reports)
 
 
 def bundle_file(bundle: Path) -> Path:

@@ -35,7 +35,8 @@ class LevelSolver:
     def level(self, t: float, i: int) -> float:
         return float(np.clip(t + self.offsets[i], 0, self.curves.shape[1] - 1))
 
-    def total(self, t: float, start: int) -> float:
+    def rates(self, t: float, start: int = 0) -> np.ndarray:
+        """bits/weight of each tensor from `start` on at shared level t (linear between integer levels)."""
         L = self.curves.shape[1]
         lv = np.clip(t + self.offsets[start:], 0, L - 1)
         lo = np.floor(lv).astype(np.int64)
@@ -43,7 +44,10 @@ class LevelSolver:
         f = lv - lo
         c = self.curves[start:]
         rows = np.arange(len(c))
-        return float(self.numels[start:] @ ((1 - f) * c[rows, lo] + f * c[rows, hi]))
+        return (1 - f) * c[rows, lo] + f * c[rows, hi]
+
+    def total(self, t: float, start: int) -> float:
+        return float(self.numels[start:] @ self.rates(t, start))
 
     def solve(self, budget_bits: float, start: int = 0) -> float:
         L = self.curves.shape[1]
@@ -113,6 +117,22 @@ class RateController:
         self.budget_bytes = bits * total_params / 8
         self._pending = sum(it.fixed_bytes + it.table_bytes for it in items) + footer_bytes
         self._fixed_total = self._pending + header_bytes
+
+    @classmethod
+    def for_budget(cls, items: list[RateItem], budget_bytes: float, n_levels: int) -> RateController:
+        """A controller for a part of a file (one shard's records and table rows) that must fit `budget_bytes`;
+        callers pass the bytes of that part only to `advance`."""
+        numel = max(sum(it.numel for it in items), 1)
+        return cls(items, 8 * budget_bytes / numel, numel, n_levels, 0, 0)
+
+    def initial_level(self) -> float:
+        """The shared level before any tensor is written, the header counted as `header_bytes`."""
+        return self.solver.solve(8 * (self.budget_bytes - self._fixed_total))
+
+    def predicted_bytes(self, t: float) -> dict[str, float]:
+        """Each tensor's bytes in the file at shared level t: payload and table row."""
+        coded = dict(zip(self._coded_index, self.solver.numels * self.solver.rates(t) / 8, strict=True))
+        return {n: it.fixed_bytes + it.table_bytes + coded.get(n, 0.0) for n, it in self.items.items()}
 
     def feasible_range(self) -> tuple[float, float]:
         """Lowest and highest whole-file bits/weight this codec can reach for these tensors."""

@@ -1,7 +1,7 @@
 """The Celery application, built from Settings.
 
-Two queues: ``gpu`` runs jobs (one at a time per worker process), ``cpu`` runs light tasks (webhooks, a
-reaper pass). Settings follow the rules for hour-long GPU jobs (docs/DEPLOY.md): late acks,
+Two queues: ``gpu`` runs jobs and shard units of fanned-out jobs (one at a time per worker process), ``cpu`` runs
+light tasks (webhooks, a reaper pass). Settings follow the rules for hour-long GPU jobs (docs/DEPLOY.md): late acks,
 prefetch 1, JSON only, soft/hard time limits per attempt, a Redis visibility timeout above the hard limit,
 and no torch/CUDA import here (the worker's parent process must never initialize CUDA; the job code
 imports torch lazily inside the child that runs it).
@@ -27,13 +27,14 @@ from kombu import Exchange, Queue
 
 from api.core.config import Settings, get_settings
 
-__all__ = ["GPU_QUEUE", "CPU_QUEUE", "RUN_JOB", "SEND_WEBHOOK", "make_celery", "broker_folders", "app"]
+__all__ = ["GPU_QUEUE", "CPU_QUEUE", "RUN_JOB", "SEND_WEBHOOK", "SHARD_UNIT", "make_celery", "broker_folders", "app"]
 
 GPU_QUEUE = "gpu"
 CPU_QUEUE = "cpu"
 RUN_JOB = "nwc.run_job"
 SEND_WEBHOOK = "nwc.send_webhook"
 REAP = "nwc.reap"
+SHARD_UNIT = "nwc.shard_unit"
 
 # Redis redelivers an unacked message after the visibility timeout: it must exceed the longest attempt,
 # else a running job would be handed to a second worker (the lease would stop it, but wastefully).
@@ -87,6 +88,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_default_exchange="nwc",
         task_default_routing_key=CPU_QUEUE,
         task_routes={RUN_JOB: {"queue": GPU_QUEUE, "routing_key": GPU_QUEUE},
+                     SHARD_UNIT: {"queue": GPU_QUEUE, "routing_key": GPU_QUEUE},
                      SEND_WEBHOOK: {"queue": CPU_QUEUE, "routing_key": CPU_QUEUE},
                      REAP: {"queue": CPU_QUEUE, "routing_key": CPU_QUEUE}},
         # An hour-long job is acknowledged when it ends, not when it starts, and a worker holds one at a time.

@@ -6,6 +6,7 @@ Job.progress and Job.eta_at; everything a later attempt needs is in the object s
 never only on the local disk, so a redelivered job resumes on any worker:
 
     tenants/<tenant>/jobs/<job>/work/checkpoints/...   mirror of OUT/.nwc-work (calibrated: per-block checkpoints)
+    tenants/<tenant>/jobs/<job>/work/shards/...        model-free fan-out per shard (worker/fanout.py)
     tenants/<tenant>/jobs/<job>/work/state/compress.json   compress finished: bundle manifest + report
     tenants/<tenant>/jobs/<job>/work/state/verify.json     verify finished: verification + dense manifest
     tenants/<tenant>/jobs/<job>/bundle/<file>          the bundle directory (model.nwc, config, tokenizer, ...)
@@ -321,6 +322,7 @@ def stage_compress(ctx: _Ctx) -> dict[str, Any]:
     shutil.rmtree(ctx.out_dir, ignore_errors=True)
     ctx.out_dir.mkdir(parents=True)
     o = ctx.opts
+    fanout: dict[str, Any] | None = None
     phases = _COMPRESS_PHASES if o.calibrated else _MODEL_FREE_PHASES
 
     def on_progress(p: Any) -> None:
@@ -344,8 +346,16 @@ def stage_compress(ctx: _Ctx) -> dict[str, Any]:
         report = compress_calibrated(ctx.model_dir, ctx.out_dir, o.bits, o.method, copts, o.codec_id, ctx.device,
                                      False, o.seed, on_progress=on_progress, on_checkpoint=mirror)
     else:
-        report = compress_model(ctx.model_dir, ctx.out_dir, o.bits, codec_id=o.codec_id, device=ctx.device,
-                                progress=False, seed=o.seed, on_progress=on_progress)
+        from codec.source import open_source
+        from worker.fanout import compress_fanout, fanout_spec
+
+        source = open_source(ctx.model_dir)
+        spec = fanout_spec(ctx, source)
+        if spec is not None:  # one unit per shard and phase, on any worker (worker/fanout.py)
+            report, fanout = compress_fanout(ctx, source, spec)
+        else:
+            report = compress_model(ctx.model_dir, ctx.out_dir, o.bits, codec_id=o.codec_id, device=ctx.device,
+                                    progress=False, seed=o.seed, on_progress=on_progress)
     ctx.check()
     files: dict[str, dict[str, Any]] = {}
     for p in sorted(ctx.out_dir.rglob("*")):
@@ -357,7 +367,7 @@ def stage_compress(ctx: _Ctx) -> dict[str, Any]:
     _put_json(ctx.store, state_key, done)
     ctx.store.delete_prefix(ctx.key("work/checkpoints/"))
     ctx.event("stage", "compressed", {"measured_bits": report.measured_bits, "file_bytes": report.file_bytes,
-                                      "seconds": report.seconds})
+                                      "seconds": report.seconds, **({"fanout": fanout} if fanout else {})})
     return done
 
 

@@ -1,6 +1,7 @@
 """Celery tasks. Light module: the worker's parent process imports it, so nothing here imports torch.
 
     nwc.run_job(job_id)       gpu queue: run or resume a job (worker/jobs.py)
+    nwc.shard_unit(job_id, phase, index)  gpu queue: one shard unit of a fanned-out job (worker/fanout.py)
     nwc.send_webhook(job_id)  cpu queue: deliver a terminal job's signed webhook (worker/webhooks.py)
     nwc.reap()                cpu queue: one reaper pass (each worker also runs one in a thread)
 
@@ -15,9 +16,9 @@ from celery import shared_task
 from celery.signals import worker_ready, worker_shutdown
 
 from api.core.config import get_settings
-from worker.celery_app import REAP, RUN_JOB, SEND_WEBHOOK
+from worker.celery_app import REAP, RUN_JOB, SEND_WEBHOOK, SHARD_UNIT
 
-__all__ = ["run_job_task", "send_webhook_task", "reap_task"]
+__all__ = ["run_job_task", "shard_unit_task", "send_webhook_task", "reap_task"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,15 @@ def run_job_task(job_id: str) -> str:
 
     outcome = run_job(job_id, get_settings())
     log.info("job %s: %s", job_id, outcome)
+    return outcome
+
+
+@shared_task(name=SHARD_UNIT, acks_late=True, ignore_result=True)
+def shard_unit_task(job_id: str, phase: str, index: int) -> str:
+    from worker.fanout import run_shard_unit
+
+    outcome = run_shard_unit(job_id, phase, index, get_settings())
+    log.info("job %s %s unit %d: %s", job_id, phase, index, outcome)
     return outcome
 
 

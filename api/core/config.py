@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     # Device for compression and verification: auto = CUDA when present, else cpu (decided in the job process,
     # never in the worker's parent, which must not initialize CUDA).
     worker_device: str = "auto"
+    # Model-free jobs on models with at least this many safetensors shards fan out one unit per shard across workers
+    # (worker/fanout.py); 0 = never.
+    fanout_min_shards: int = Field(default=2, ge=0)
     # Celery prefork children are replaced after this many tasks (frees GPU memory between jobs); 0 = never.
     worker_max_tasks_per_child: int = Field(default=0, ge=0)
     # Webhooks on terminal job states: POST attempts, first backoff (doubles each time), per-request timeout.
