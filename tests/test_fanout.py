@@ -33,6 +33,7 @@ from test_worker import (  # noqa: F401  (embedded: a pytest fixture)
     kill_group,
     seed_model,
     wait_job,
+    wait_tidied,
 )
 
 from api.db.models import JobEvent, JobState
@@ -210,11 +211,7 @@ def check_bundle(dep: Deployment, job_id: str, model_dir: Path, tmp: Path) -> di
     with ContainerReader(container) as r:
         assert [e.name for e in r.entries] == [t.name for t in source.tensors] and not r.verify()
         assert r.entry(HEAD).method == "alias" and r.entry(EMBED).method == "nwc"
-    work = f"tenants/{arts['report.json'].tenant_id}/jobs/{job_id}/work/"
-    deadline = time.monotonic() + 30  # the worker tidies its work area just after the job turns succeeded
-    while list(dep.store.list_objects(work)):
-        assert time.monotonic() < deadline, list(dep.store.list_objects(work))
-        time.sleep(0.2)
+    wait_tidied(dep, f"tenants/{arts['report.json'].tenant_id}/jobs/{job_id}/work/")
     return report
 
 

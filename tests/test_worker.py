@@ -210,6 +210,14 @@ def check_artifacts(dep: Deployment, job_id: str) -> dict[str, Artifact]:
     return arts
 
 
+def wait_tidied(dep: Deployment, prefix: str, timeout: float = 30) -> None:
+    """The worker deletes a job's work area just after the job turns succeeded: wait for it, not race it."""
+    deadline = time.monotonic() + timeout
+    while objs := list(dep.store.list_objects(prefix)):
+        assert time.monotonic() < deadline, [o.key for o in objs]
+        time.sleep(0.2)
+
+
 def download(dep: Deployment, arts: dict[str, Artifact], prefix: str, dest: Path) -> Path:
     dest.mkdir(parents=True)
     for name, a in arts.items():
@@ -324,7 +332,7 @@ def test_embedded_jobs_cancel_webhook_and_dense(embedded: Deployment, small_llam
         assert ("stage", st) in kinds
 
     arts = check_artifacts(dep, gptq)
-    assert not list(dep.store.list_objects(f"tenants/{tenant}/jobs/{gptq}/work/"))  # tidied after success
+    wait_tidied(dep, f"tenants/{tenant}/jobs/{gptq}/work/")
     kinds_by_name = {n: a.kind for n, a in arts.items()}
     assert kinds_by_name["bundle/model.nwc"] == ArtifactKind.BUNDLE
     assert kinds_by_name["report.json"] == ArtifactKind.REPORT
@@ -426,7 +434,7 @@ def test_services_sigkill_mid_job_resumes_with_identical_bundle(services_dep: De
     arts = check_artifacts(dep, victim)
     assert arts["bundle/model.nwc"].sha256 == ref_arts["bundle/model.nwc"].sha256
     assert read_all(dep.store, arts["bundle/model.nwc"].key) == read_all(dep.store, ref_arts["bundle/model.nwc"].key)
-    assert not list(dep.store.list_objects(f"tenants/{tenant}/jobs/{victim}/work/checkpoints/"))
+    wait_tidied(dep, f"tenants/{tenant}/jobs/{victim}/work/checkpoints/")
     print(f"killed after units {done_at_kill}; total {time.monotonic() - t0:.0f} s")
 
 
