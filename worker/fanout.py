@@ -44,7 +44,7 @@ from api.db.models import Job, JobState, ModelFile
 from api.services.keys import job_prefix
 from api.storage import ObjectStore, make_store, read_all
 from worker.db import session_factory
-from worker.jobs import _Ctx, _download, _get_json, _put_json, _upload_file
+from worker.jobs import JobContext, download_checked, get_json, put_json, upload_file
 from worker.lease import worker_identity
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ class _ClaimHeartbeat(threading.Thread):
                 if self.alive is not None and not self.alive():
                     self.aborted.set()
                     return
-                _put_json(self.store, self.key, {**self.claim, "at": time.time()})
+                put_json(self.store, self.key, {**self.claim, "at": time.time()})
             except Exception:  # a store or DB hiccup: the next beat retries; the claim has slack for a few misses
                 log.exception("claim heartbeat %s failed", self.key)
 
@@ -215,7 +215,7 @@ class UnitRunner:
         key = self.keys.claim(index, phase)
         claim = {"owner": self.owner, "node": self.node, "phase": phase, "index": index, "at": time.time(),
                  "done": False}
-        _put_json(self.store, key, claim)
+        put_json(self.store, key, claim)
         beat = _ClaimHeartbeat(self.store, key, claim, self.heartbeat_s, self.alive)
         beat.start()
         try:
@@ -231,18 +231,18 @@ class UnitRunner:
                 part = encode_shard(source, budget, tc, self.work_dir / f"part-{index}.nwc",
                                     on_progress=lambda _: self._check(beat))
                 self._publishable(beat)
-                meta = _upload_file(self.store, self.keys.part(index), part.path)
-                _put_json(self.store, self.keys.part_report(index),
+                meta = upload_file(self.store, self.keys.part(index), part.path)
+                put_json(self.store, self.keys.part_report(index),
                           {"sha256": meta["sha256"], "size": meta["size"], "tensors": part.reports_json()})
                 part.path.unlink()
         except BaseException:
             beat.stop()
-            if (_get_json(self.store, key) or {}).get("owner") == self.owner:
+            if (get_json(self.store, key) or {}).get("owner") == self.owner:
                 self.store.delete(key)  # free the unit at once for the coordinator (or a retry)
             raise
         beat.stop()
         seconds = time.monotonic() - t0
-        _put_json(self.store, key, {**claim, "at": time.time(), "done": True, "seconds": round(seconds, 3)})
+        put_json(self.store, key, {**claim, "at": time.time(), "done": True, "seconds": round(seconds, 3)})
         return seconds
 
     def _publishable(self, beat: _ClaimHeartbeat) -> None:
@@ -296,7 +296,7 @@ def _fetch_shard(store: ObjectStore, shard: UnitShard, dest: Path) -> Path:
     if path.is_file() and path.stat().st_size == shard.size and marker.is_file() and \
             marker.read_text() == shard.sha256:
         return path
-    size, sha = _download(store, shard.key, path)
+    size, sha = download_checked(store, shard.key, path)
     if sha != shard.sha256 or size != shard.size:
         path.unlink(missing_ok=True)
         raise RuntimeError(f"model file {shard.file}: stored bytes do not match its sha256/size")
@@ -321,7 +321,7 @@ def run_shard_unit(job_id: str, phase: str, index: int, settings: Settings) -> s
         return f"skipped: job is {state.value}"
     store = make_store(settings)
     keys = ShardKeys(job_prefix(tenant_id, job_id))
-    raw = _get_json(store, keys.units)
+    raw = get_json(store, keys.units)
     if raw is None or phase not in PHASES:
         return "skipped: no such unit"
     spec = FanoutSpec.from_dict(raw)
@@ -329,7 +329,7 @@ def run_shard_unit(job_id: str, phase: str, index: int, settings: Settings) -> s
         return "skipped: no such unit"
     if store.exists(keys.result(index, phase)):
         return "skipped: done"
-    claim = _get_json(store, keys.claim(index, phase))
+    claim = get_json(store, keys.claim(index, phase))
     if claim_is_live(claim, settings.lease_seconds):
         return f"skipped: claimed by {claim['node']}"  # type: ignore[index]
     if phase == "encode" and not store.exists(keys.budget(index)):
@@ -354,7 +354,7 @@ def run_shard_unit(job_id: str, phase: str, index: int, settings: Settings) -> s
 # ----------------------------------------------------------------------------- coordinator side
 
 
-def fanout_spec(ctx: _Ctx, source: ModelSource) -> FanoutSpec | None:
+def fanout_spec(ctx: JobContext, source: ModelSource) -> FanoutSpec | None:
     """The job's units if it fans out: model-free nwc, at least `fanout_min_shards` shards (0 = never), every shard a
     model file at the top of the model directory."""
     n_min = ctx.settings.fanout_min_shards
@@ -375,7 +375,7 @@ def fanout_spec(ctx: _Ctx, source: ModelSource) -> FanoutSpec | None:
     return FanoutSpec(info.id, info.sha256, ctx.opts.seed, ctx.opts.bits, tuple(shards))
 
 
-def _run_phase(ctx: _Ctx, runner: UnitRunner, phase: str) -> dict[str, int]:
+def _run_phase(ctx: JobContext, runner: UnitRunner, phase: str) -> dict[str, int]:
     """Send the phase's missing units, then wait for their results, running free or abandoned units here.
     Returns how many of the phase's units each node ran."""
     store, keys, spec = ctx.store, runner.keys, runner.spec
@@ -398,7 +398,7 @@ def _run_phase(ctx: _Ctx, runner: UnitRunner, phase: str) -> dict[str, int]:
         ctx.set_progress(lo + (hi - lo) * done / total)
         if not pending:
             break
-        claims = {i: _get_json(store, keys.claim(i, phase)) if keys.claim(i, phase) in present else None
+        claims = {i: get_json(store, keys.claim(i, phase)) if keys.claim(i, phase) in present else None
                   for i in pending}
         free = [i for i in pending if not claim_is_live(claims[i], ctx.settings.lease_seconds)]
         if not free:
@@ -412,13 +412,13 @@ def _run_phase(ctx: _Ctx, runner: UnitRunner, phase: str) -> dict[str, int]:
         runner.run(phase, i)
     ran: Counter[str] = Counter()
     for i in range(n):
-        c = _get_json(store, keys.claim(i, phase))
+        c = get_json(store, keys.claim(i, phase))
         ran[c["node"] if c and c.get("done") else "earlier attempt"] += 1
     ctx.event("log", f"{phase} units done: {dict(ran)}", {"phase": phase, "units": dict(ran)})
     return dict(ran)
 
 
-def _allocate(ctx: _Ctx, keys: ShardKeys, spec: FanoutSpec, header: Any, n_levels: int) -> None:
+def _allocate(ctx: JobContext, keys: ShardKeys, spec: FanoutSpec, header: Any, n_levels: int) -> None:
     """Budgets from all plans (once: a resumed coordinator keeps the stored ones, which encode units may use)."""
     from codec.shards import ShardPlan, allocate
 
@@ -434,7 +434,7 @@ def _allocate(ctx: _Ctx, keys: ShardKeys, spec: FanoutSpec, header: Any, n_level
                "budgets": {b.file: round(b.budget_bytes) for b in budgets.values()}})
 
 
-def _fetch_parts(ctx: _Ctx, runner: UnitRunner) -> list[Any]:
+def _fetch_parts(ctx: JobContext, runner: UnitRunner) -> list[Any]:
     """Download the encoded shards (checked against their reports); a part overwritten by a racing duplicate that
     does not match its report is encoded again here."""
     from codec.pipeline import TensorReport
@@ -444,8 +444,8 @@ def _fetch_parts(ctx: _Ctx, runner: UnitRunner) -> list[Any]:
     for i in range(len(runner.spec.shards)):
         dest = ctx.root / "parts" / f"{i}.nwc"
         for attempt in range(2):
-            rep = _get_json(ctx.store, runner.keys.part_report(i))
-            _, sha = _download(ctx.store, runner.keys.part(i), dest, ctx.check)
+            rep = get_json(ctx.store, runner.keys.part_report(i))
+            _, sha = download_checked(ctx.store, runner.keys.part(i), dest, ctx.check)
             if rep is not None and sha == rep["sha256"]:
                 break
             if attempt:
@@ -455,7 +455,7 @@ def _fetch_parts(ctx: _Ctx, runner: UnitRunner) -> list[Any]:
     return parts
 
 
-def compress_fanout(ctx: _Ctx, source: ModelSource, spec: FanoutSpec) -> tuple[CompressReport, dict[str, Any]]:
+def compress_fanout(ctx: JobContext, source: ModelSource, spec: FanoutSpec) -> tuple[CompressReport, dict[str, Any]]:
     """The coordinator: plan units → allocation → encode units → merge into ctx.out_dir. Returns the report and a
     summary of the fan-out (units per node and phase) for the stage's event."""
     from codec.pipeline import bundle_header
@@ -464,11 +464,11 @@ def compress_fanout(ctx: _Ctx, source: ModelSource, spec: FanoutSpec) -> tuple[C
 
     t0 = time.time()
     keys = ShardKeys(ctx.prefix)
-    stored = _get_json(ctx.store, keys.units)
+    stored = get_json(ctx.store, keys.units)
     if stored != spec.to_dict():
         if stored is not None:  # another codec or other files than the stored units were made for: start over
             ctx.store.delete_prefix(keys.base)
-        _put_json(ctx.store, keys.units, spec.to_dict())
+        put_json(ctx.store, keys.units, spec.to_dict())
     codec = load_codec(spec.codec_id)
     header = bundle_header(source, codec, spec.bits)
     runner = UnitRunner(ctx.store, keys, spec, ctx.model_dir, ctx.root / "parts-work", ctx.device, node_name(),

@@ -84,7 +84,7 @@ def _rel_path(p: str) -> PurePosixPath:
     return rel
 
 
-def _download(store: ObjectStore, key: str, dest: Path, check: Callable[[], None] | None = None,
+def download_checked(store: ObjectStore, key: str, dest: Path, check: Callable[[], None] | None = None,
               on_bytes: Callable[[int], None] | None = None) -> tuple[int, str]:
     """Stream an object to `dest` (atomically: a .partial file renamed at the end); returns (size, sha256)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -108,17 +108,17 @@ def _download(store: ObjectStore, key: str, dest: Path, check: Callable[[], None
     return size, h.hexdigest()
 
 
-def _upload_file(store: ObjectStore, key: str, path: Path) -> dict[str, Any]:
+def upload_file(store: ObjectStore, key: str, path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         r = store.put_stream(key, f)
     return {"key": r.key, "size": r.size, "sha256": r.sha256}
 
 
-def _put_json(store: ObjectStore, key: str, obj: Any) -> None:
+def put_json(store: ObjectStore, key: str, obj: Any) -> None:
     store.put_stream(key, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
-def _get_json(store: ObjectStore, key: str) -> Any | None:
+def get_json(store: ObjectStore, key: str) -> Any | None:
     try:
         f = store.open(key)
     except ObjectNotFound:
@@ -130,7 +130,7 @@ def _get_json(store: ObjectStore, key: str) -> Any | None:
 
 
 @dataclass
-class _Ctx:
+class JobContext:
     settings: Settings
     store: ObjectStore
     claim: Claim
@@ -197,7 +197,7 @@ class _Ctx:
 # ----------------------------------------------------------------------------- stages
 
 
-def stage_fetch(ctx: _Ctx) -> None:
+def stage_fetch(ctx: JobContext) -> None:
     """Download the model's files (checked against their sha256) and an uploaded calibration text."""
     sf = session_factory(ctx.settings)
     with sf() as s:
@@ -221,7 +221,7 @@ def stage_fetch(ctx: _Ctx) -> None:
             done += size  # this worker already has it (an earlier attempt here)
             continue
         try:
-            got_size, got_sha = _download(ctx.store, key, dest, ctx.check, on_bytes)
+            got_size, got_sha = download_checked(ctx.store, key, dest, ctx.check, on_bytes)
         except ObjectNotFound:
             raise JobFailed(f"model file {path} is missing from the object store") from None
         if got_sha != sha or got_size != size:
@@ -234,13 +234,13 @@ def stage_fetch(ctx: _Ctx) -> None:
         assert key is not None
         ctx.calib_path = ctx.root / "calib" / PurePosixPath(key).name
         try:
-            _download(ctx.store, key, ctx.calib_path, ctx.check)
+            download_checked(ctx.store, key, ctx.calib_path, ctx.check)
         except ObjectNotFound:
             raise JobFailed(f"calibration text {key} is not in the object store") from None
     ctx.event("stage", "fetched", {"files": len(files), "bytes": total})
 
 
-def stage_plan(ctx: _Ctx) -> dict[str, Any]:
+def stage_plan(ctx: JobContext) -> dict[str, Any]:
     """Check that this model can be compressed this way and record the plan (sizes, device, method)."""
     from codec.pipeline import resolve_device
     from codec.source import SourceError, open_source
@@ -267,7 +267,7 @@ class _CheckpointMirror:
     """Uploads new or changed files of OUT/.nwc-work after each checkpoint (state.json last, so the stored state
     never names a container that is not stored yet)."""
 
-    def __init__(self, ctx: _Ctx) -> None:
+    def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
         self.prefix = ctx.key("work/checkpoints/")
         self.sent: dict[str, tuple[int, int]] = {}
@@ -279,7 +279,7 @@ class _CheckpointMirror:
         for obj in self.ctx.store.list_objects(self.prefix):
             rel = _rel_path(obj.key[len(self.prefix):])
             dest = work / rel
-            _download(self.ctx.store, obj.key, dest)
+            download_checked(self.ctx.store, obj.key, dest)
             st = dest.stat()
             self.sent[str(rel)] = (st.st_size, st.st_mtime_ns)
             n += 1
@@ -295,7 +295,7 @@ class _CheckpointMirror:
             st = p.stat()
             if self.sent.get(rel) == (st.st_size, st.st_mtime_ns):
                 continue
-            _upload_file(self.ctx.store, self.prefix + rel, p)
+            upload_file(self.ctx.store, self.prefix + rel, p)
             self.sent[rel] = (st.st_size, st.st_mtime_ns)
             uploaded.append(rel)
         if uploaded:
@@ -307,10 +307,10 @@ class _CheckpointMirror:
                            {"units": done, "files": uploaded})
 
 
-def stage_compress(ctx: _Ctx) -> dict[str, Any]:
+def stage_compress(ctx: JobContext) -> dict[str, Any]:
     """Compress into OUT (resuming from stored checkpoints); upload the bundle files; write state/compress.json."""
     state_key = ctx.key("work/state/compress.json")
-    done = _get_json(ctx.store, state_key)
+    done = get_json(ctx.store, state_key)
     if done is not None:
         _download_manifest(ctx, done["files"], ctx.out_dir)
         ctx.event("stage", "compressed (earlier attempt)", {"files": len(done["files"])})
@@ -361,33 +361,33 @@ def stage_compress(ctx: _Ctx) -> dict[str, Any]:
     for p in sorted(ctx.out_dir.rglob("*")):
         rel = p.relative_to(ctx.out_dir).as_posix()
         if p.is_file() and not rel.startswith(WORK_DIR_NAME) and rel != REPORT_FILE:
-            files[rel] = _upload_file(ctx.store, ctx.key(f"bundle/{rel}"), p)
+            files[rel] = upload_file(ctx.store, ctx.key(f"bundle/{rel}"), p)
             ctx.check()
     done = {"files": files, "report": json.loads(report.to_json())}
-    _put_json(ctx.store, state_key, done)
+    put_json(ctx.store, state_key, done)
     ctx.store.delete_prefix(ctx.key("work/checkpoints/"))
     ctx.event("stage", "compressed", {"measured_bits": report.measured_bits, "file_bytes": report.file_bytes,
                                       "seconds": report.seconds, **({"fanout": fanout} if fanout else {})})
     return done
 
 
-def _download_manifest(ctx: _Ctx, files: dict[str, dict[str, Any]], dest: Path) -> None:
+def _download_manifest(ctx: JobContext, files: dict[str, dict[str, Any]], dest: Path) -> None:
     for rel, meta in files.items():
         p = dest / _rel_path(rel)
         if p.is_file() and p.stat().st_size == meta["size"]:
             with open(p, "rb") as f:
                 if hashlib.file_digest(f, "sha256").hexdigest() == meta["sha256"]:
                     continue
-        size, sha = _download(ctx.store, meta["key"], p, ctx.check)
+        size, sha = download_checked(ctx.store, meta["key"], p, ctx.check)
         if sha != meta["sha256"]:
             raise RuntimeError(f"stored {meta['key']} does not match its manifest")
 
 
-def stage_verify(ctx: _Ctx, compressed: dict[str, Any]) -> dict[str, Any]:
+def stage_verify(ctx: JobContext, compressed: dict[str, Any]) -> dict[str, Any]:
     """Decode, load, generate and evaluate in a fresh process (codec.verify); the job fails if that fails.
     Uploads the dense model and the final report."""
     state_key = ctx.key("work/state/verify.json")
-    done = _get_json(ctx.store, state_key)
+    done = get_json(ctx.store, state_key)
     if done is not None:
         ctx.event("stage", "verified (earlier attempt)", {})
         return done
@@ -414,7 +414,7 @@ def stage_verify(ctx: _Ctx, compressed: dict[str, Any]) -> dict[str, Any]:
         for p in sorted(ctx.dense_dir.rglob("*")):
             if p.is_file():
                 rel = p.relative_to(ctx.dense_dir).as_posix()
-                dense[rel] = _upload_file(ctx.store, ctx.key(f"dense/{rel}"), p)
+                dense[rel] = upload_file(ctx.store, ctx.key(f"dense/{rel}"), p)
                 ctx.check()
     report = dict(compressed["report"])
     report["verification"] = rep
@@ -424,7 +424,7 @@ def stage_verify(ctx: _Ctx, compressed: dict[str, Any]) -> dict[str, Any]:
     r = ctx.store.put_stream(ctx.key(REPORT_FILE), body)
     done = {"verification": rep, "dense": dense,
             "report": {"key": r.key, "size": r.size, "sha256": r.sha256}}
-    _put_json(ctx.store, state_key, done)
+    put_json(ctx.store, state_key, done)
     summary = {k: rep.get(k) for k in ("ok", "stage", "seconds", "generation")}
     if rep.get("evaluation"):
         e = rep["evaluation"]
@@ -433,7 +433,7 @@ def stage_verify(ctx: _Ctx, compressed: dict[str, Any]) -> dict[str, Any]:
     return done
 
 
-def stage_publish(ctx: _Ctx, compressed: dict[str, Any], verified: dict[str, Any]) -> None:
+def stage_publish(ctx: JobContext, compressed: dict[str, Any], verified: dict[str, Any]) -> None:
     """Artifact rows for the wanted outputs and state succeeded, in one transaction (only while we own the job)."""
     rows: list[tuple[ArtifactKind, str, dict[str, Any]]] = []
     if "bundle" in ctx.opts.outputs:
@@ -500,8 +500,9 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
                 opts = JobOptions.parse(method, bits, options, tenant_id)
             except InvalidJobOptions as e:
                 raise JobFailed(str(e)) from None
-            ctx = _Ctx(settings, make_store(settings), claim, lease, job_id, tenant_id, model_id, model_name, opts,
-                       job_prefix(tenant_id, job_id), root, progress=claim.progress, started_progress=claim.progress)
+            ctx = JobContext(settings, make_store(settings), claim, lease, job_id, tenant_id, model_id, model_name,
+                             opts, job_prefix(tenant_id, job_id), root, progress=claim.progress,
+                             started_progress=claim.progress)
             _run_stages(ctx)
             outcome = "succeeded"
         except JobCancelled:
@@ -535,7 +536,7 @@ def _delete_stored(settings: Settings, tenant_id: str, job_id: str, *parts: str)
         log.exception("could not delete the stored work of job %s", job_id)
 
 
-def _run_stages(ctx: _Ctx) -> None:
+def _run_stages(ctx: JobContext) -> None:
     ctx.root.mkdir(parents=True, exist_ok=True)
     for name in STAGES:
         ctx.stage = name
