@@ -221,7 +221,7 @@ def test_openapi_is_complete(server: ApiServer) -> None:  # noqa: F811
                     assert spec["components"]["schemas"][ref].get("examples"), (method, path, ref)
                 else:
                     assert "application/octet-stream" in content
-    for name in ("ModelOut", "JobDetail", "ArtifactOut", "UploadOut", "PartUrlsOut"):
+    for name in ("ModelOut", "JobDetail", "JobTuning", "ArtifactOut", "UploadOut", "PartUrlsOut"):
         assert spec["components"]["schemas"][name].get("examples"), name
 
 
