@@ -80,9 +80,9 @@ def list_models(
 
 
 @router.get("/{model_id}", response_model=ModelDetail, responses=error_responses(401, 404),
-            summary="A model with its files")
-def get_model(model_id: str, principal: PrincipalDep, db: DbDep) -> ModelDetail:
-    return svc.to_detail(svc.get_model(db, principal.tenant_id, model_id))
+            summary="A model with its files and parameter count")
+def get_model(model_id: str, principal: PrincipalDep, db: DbDep, res: ResourcesDep) -> ModelDetail:
+    return svc.to_detail(svc.get_model(db, principal.tenant_id, model_id), res.store)
 
 
 @router.delete("/{model_id}", status_code=204, responses=error_responses(401, 404, 409),
@@ -138,7 +138,7 @@ def delete_file(model_id: str, path: str, principal: PrincipalDep, db: DbDep, re
 )
 def finalize_model(model_id: str, principal: PrincipalDep, db: DbDep, res: ResourcesDep) -> ModelDetail:
     bind(model_id=model_id)
-    return svc.to_detail(svc.finalize(db, res.store, principal.tenant_id, model_id))
+    return svc.to_detail(svc.finalize(db, res.store, principal.tenant_id, model_id), res.store)
 
 
 @router.post(

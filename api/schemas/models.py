@@ -121,9 +121,15 @@ class ModelOut(BaseModel):
 
 
 class ModelDetail(ModelOut):
-    model_config = ConfigDict(json_schema_extra={"examples": [{**_MODEL_EXAMPLE, "files": [_FILE_EXAMPLE]}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{**_MODEL_EXAMPLE, "files": [_FILE_EXAMPLE],
+                                                                        "parameter_count": 134515008}]})
 
     files: list[ModelFileOut]
+    parameter_count: int | None = Field(
+        default=None,
+        description="Parameters in the model's safetensors files, summed from their headers (what a job's "
+        "output size follows: about target_bits × parameter_count / 8 bytes); null when no header could be read.",
+    )
 
 
 class UploadCreate(BaseModel):

@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import secrets
+import struct
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -44,10 +45,12 @@ from api.services.pagination import paginate
 from api.services.usage import storage_left
 from api.services.validation import (
     MAX_AUX_BYTES,
+    MAX_HEADER_BYTES,
     check_content,
     check_json_file,
     is_safetensors,
     max_bytes_for,
+    read_exact,
     sanitize_path,
 )
 from api.storage import (
@@ -68,6 +71,7 @@ __all__ = [
     "state_name",
     "to_out",
     "to_detail",
+    "parameter_count",
     "create_model",
     "list_models",
     "get_model",
@@ -119,9 +123,50 @@ def to_out(m: Model, file_count: int) -> ModelOut:
     )
 
 
-def to_detail(m: Model) -> ModelDetail:
+def to_detail(m: Model, store: ObjectStore | None = None) -> ModelDetail:
+    """The model with its files; with `store`, also its parameter count (read from the safetensors headers)."""
     files = [ModelFileOut.model_validate(f) for f in m.files]
-    return ModelDetail(**to_out(m, len(files)).model_dump(), files=files)
+    params = parameter_count(store, m.files) if store is not None else None
+    return ModelDetail(**to_out(m, len(files)).model_dump(), files=files, parameter_count=params)
+
+
+# Parameters per safetensors file, keyed by the file's sha256: content-addressed, so an entry never goes stale
+# and a model's detail reads each header once per process (a header is small, but a shard is a store request).
+_PARAMS_BY_SHA: dict[str, int] = {}
+_PARAMS_CACHE_MAX = 4096
+
+
+def _header_params(store: ObjectStore, key: str) -> int:
+    f = store.open(key)
+    try:
+        (n,) = struct.unpack("<Q", read_exact(f.read, 8))
+        if n > MAX_HEADER_BYTES:
+            raise ValueError(f"safetensors header of {n} bytes")
+        header = json.loads(read_exact(f.read, n))
+    finally:
+        f.close()
+    return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+
+
+def parameter_count(store: ObjectStore, files: list[ModelFile]) -> int | None:
+    """Sum of the tensor sizes in the safetensors headers of `files` (validated on upload, so readable); None when
+    there are none or a header cannot be read now (an optional view must not fail the request)."""
+    total, seen = 0, False
+    for f in files:
+        if not is_safetensors(f.path):
+            continue
+        n = _PARAMS_BY_SHA.get(f.sha256)
+        if n is None:
+            try:
+                n = _header_params(store, f.key)
+            except Exception as e:
+                log.warning("parameter count of %s: %s", f.key, e)
+                return None
+            if len(_PARAMS_BY_SHA) >= _PARAMS_CACHE_MAX:
+                _PARAMS_BY_SHA.clear()
+            _PARAMS_BY_SHA[f.sha256] = n
+        total, seen = total + n, True
+    return total if seen else None
 
 
 # ----------------------------------------------------------------------------- CRUD

@@ -36,6 +36,7 @@ __all__ = [
     "MAX_JSON_READ",
     "max_bytes_for",
     "is_safetensors",
+    "read_exact",
 ]
 
 # Exactly the dtypes the codec reads (codec.source.ST_DTYPES, which imports torch; a test keeps them equal).
@@ -110,7 +111,7 @@ def max_bytes_for(path: str, limit: int) -> int:
 Reader = Callable[[int], bytes]  # read(n) -> up to n bytes, b"" at the end
 
 
-def _read_exact(read: Reader, n: int) -> bytes:
+def read_exact(read: Reader, n: int) -> bytes:
     parts: list[bytes] = []
     got = 0
     while got < n:
@@ -131,13 +132,13 @@ def check_safetensors(name: str, read: Reader, file_size: int) -> None:
     # Only enough to know how many bytes to read; the library checks the header itself.
     if file_size < 8:
         raise bad(f"{file_size} bytes, shorter than the 8-byte header length")
-    head = _read_exact(read, 8)
+    head = read_exact(read, 8)
     if len(head) < 8:
         raise bad("truncated before the header length")
     (n,) = struct.unpack("<Q", head)
     if n > MAX_HEADER_BYTES or 8 + n > file_size:
         raise bad(f"header length {n} is over {MAX_HEADER_BYTES} or runs past the end of the {file_size}-byte file")
-    raw = _read_exact(read, n)
+    raw = read_exact(read, n)
     if len(raw) < n:
         raise bad("file truncated inside the header")
     from safetensors import SafetensorError, safe_open
