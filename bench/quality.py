@@ -194,7 +194,8 @@ def render(points: list[Point], args: argparse.Namespace, seconds: float) -> str
     ]
     for p in sorted(points, key=lambda p: (p.target, p.method)):
         gen = p.generation.replace("\n", " ").replace("|", "/")[:40]
-        lines.append(f"| {p.method} | {p.target:g} | {p.bits:.3f} | {p.ppl:.3f} | {100 * (p.ppl / fp - 1):+.1f} | "
+        delta = _num(100 * (p.ppl / fp - 1), "+", 1)
+        lines.append(f"| {p.method} | {p.target:g} | {p.bits:.3f} | {_num(p.ppl)} | {delta} | "
                      f"{p.kl:.4f} | {100 * p.top1:.1f} % | {p.compress_s:.0f} | {p.peak_rss_mb:.0f} | {gen} |")
     lines += ["", f"![perplexity and KL vs measured bits]({model.plot_path().name})", "", *goals(points)]
     return "\n".join(lines)
@@ -230,6 +231,11 @@ def goals(points: list[Point]) -> list[str]:
     return out
 
 
+def _num(x: float, sign: str = "", decimals: int = 3) -> str:
+    """Table numbers: fixed decimals, or three significant digits once they explode (2-bit baselines)."""
+    return f"{x:{sign}.{decimals}f}" if abs(x) < 1e4 else f"{x:{sign}.3g}"
+
+
 def plot(points: list[Point], path: Path) -> None:
     import matplotlib
 
@@ -237,12 +243,19 @@ def plot(points: list[Point], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fp = points[0].ppl_fp
+    top = 30 * fp  # collapsed points (2-bit baselines reach 1e8) would flatten the rest: drawn on the edge
     for m in METHODS:
         ps = sorted((p for p in points if p.method == m), key=lambda p: p.bits)
         if ps:
-            a.plot([p.bits for p in ps], [p.ppl for p in ps], "o-", label=m)
+            line = a.plot([p.bits for p in ps], [min(p.ppl, top) for p in ps], "o-", label=m)[0]
+            off = [p for p in ps if p.ppl > top]
+            a.plot([p.bits for p in off], [top] * len(off), "^", ms=11, color=line.get_color())
             b.plot([p.bits for p in ps], [p.kl for p in ps], "o-", label=m)
-    a.axhline(points[0].ppl_fp, color="k", ls="--", label="FP32 original")
+    a.axhline(fp, color="k", ls="--", label="FP32 original")
+    a.set_ylim(fp * 0.9, top * 1.15)
+    a.text(0.99, 0.99, f"▲ off scale (> {top:.0f}): see the table", transform=a.transAxes, ha="right", va="top",
+           fontsize=8)
     a.set_yscale("log")
     b.set_yscale("log")
     for ax, t in ((a, "perplexity (held-out Wikipedia)"), (b, "KL(original ‖ compressed), nats/token")):
