@@ -67,7 +67,8 @@ MODELS = {
     "gemma3": EvalModel(
         "Gemma-3-270m", gemma3_dir, "-gemma3", "BOS prepended to every window (Gemma's tokenizer adds one)",
         "Gemma-3-270m is converted from a Q4_K_M GGUF (MODELS.md): its linears lie on 4–6-bit k-quant grids, and "
-        "63 % of its parameters are the 262k × 640 tied embedding, which every method codes at the same rate."),
+        "63 % of its parameters are the 262k × 640 tied embedding, which has no Hessian: NWC codes it model-free "
+        "inside the whole-file rate control, GPTQ and RTN round it at their bits."),
 }
 METHODS = {  # label -> extra CLI arguments
     "nwc-free": ["--method", "nwc"],
