@@ -2,7 +2,8 @@
 
 Everything under /v1 needs an API key (`Authorization: Bearer nwc_…`) and is scoped to its tenant;
 /healthz, /readyz and /metrics are unversioned and open (keep /metrics off the public network);
-/v1/store/{token} is authorized by the signed token it carries.
+/v1/store/{token} is authorized by the signed token it carries. The web dashboard (/ui, api/dashboard/) is a
+client of the /v1 routes like any other: its pages call them from the browser with the user's key.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fastapi import FastAPI
 from sqlalchemy import make_url
 from starlette.concurrency import run_in_threadpool
 
+from api import dashboard
 from api.core.config import Settings, get_settings
 from api.deps import Resources
 from api.errors import install_error_handlers
@@ -102,6 +104,7 @@ def create_app(
     install_error_handlers(app)
     for module in (models_routes, jobs_routes, calibration_routes, store_routes, ops_routes):
         app.include_router(module.router)
+    dashboard.install(app)  # /ui: pages whose scripts call the /v1 routes above with the user's key
     app.add_middleware(RequestIdMiddleware, on_response=app.state.metrics.observe_request)
     return app
 

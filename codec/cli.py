@@ -347,6 +347,12 @@ def serve(
     from api.core.config import get_settings
     from api.db.migrate import upgrade
 
+    # Presigned download and part-upload URLs of the local store point under NWC_PUBLIC_URL: by default, where
+    # this process listens (a wildcard address is reached as 127.0.0.1), so `--port` alone keeps them working.
+    if "NWC_PUBLIC_URL" not in os.environ:
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else (f"[{host}]" if ":" in host else host)
+        os.environ["NWC_PUBLIC_URL"] = f"http://{shown}:{port}"
+        get_settings.cache_clear()
     settings = get_settings()
     upgrade(settings.db_url)
     _bootstrap_key(settings)

