@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -14,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from api.core.config import Settings
+from api.schemas.jobs import METHOD_BITS
 
 __all__ = ["install", "router", "PAGES"]
 
@@ -62,7 +64,8 @@ def _render(request: Request, template: str, title: str, **context: Any) -> Resp
     _, plotly_version = _plotly()
     resp = templates.TemplateResponse(
         request, template,
-        {"title": title, "plotly_url": f"/ui/static/vendor/plotly.min.js?v={plotly_version}", **context},
+        {"title": title, "plotly_url": f"/ui/static/vendor/plotly.min.js?v={plotly_version}",
+         "method_bits": json.dumps(METHOD_BITS), **context},
     )
     resp.headers["Content-Security-Policy"] = _csp(settings)
     resp.headers["X-Content-Type-Options"] = "nosniff"

@@ -1,13 +1,13 @@
 // New job: model, method, target bits (with the predicted output size), calibration, outputs, tuning.
 import { api, ApiError, clearAlerts, el, fmtBytes, fmtNumber, listAll, requireKey, showError, showNotice } from "./api.js";
 
-// The API's accepted bits per method (api/schemas/jobs.py METHOD_BITS).
-const BITS = { nwc: [1, 8], gptq: [2, 8.99], rtn: [2, 8.99] };
 
 if (requireKey()) main();
 
 async function main() {
   const form = document.getElementById("job-form");
+  // The API's accepted bits per method (api/schemas/jobs.py METHOD_BITS), rendered into the page by the server.
+  const BITS = JSON.parse(form.dataset.methodBits);
   const modelSel = document.getElementById("job-model");
   const methodSel = document.getElementById("job-method");
   const bitsInput = document.getElementById("job-bits");
