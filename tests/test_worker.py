@@ -677,7 +677,8 @@ def test_job_options_from_the_api() -> None:
     assert JobOptions.parse("nwc", 3, {}).outputs == ("bundle", "dense", "report")
     for method, opts in [("gptq", {"calibration": "none"}), ("nwc", {"calibration": "cal_x"}),
                          ("nwc", {"calibration_key": "tenants/other/calibration/c/x.txt"}), ("zip", {}),
-                         ("nwc", {"outputs": ["tarball"]}), ("nwc", {"calib_seqs": 0})]:
+                         ("nwc", {"outputs": ["tarball"]}), ("nwc", {"calib_seqs": 0}), ("nwc", {"calib_seqs": True}),
+                         ("nwc", {"eval_tokens": "64"}), ("nwc", {"allocation": "greedy"})]:
         with pytest.raises(InvalidJobOptions):
             JobOptions.parse(method, 3, opts, "t1")
 

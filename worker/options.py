@@ -5,16 +5,10 @@
     calibration      null | "none" | "wiki" | "cal_<id>" (an uploaded text; then calibration_key is its object key)
                      | {"key": "<object key>"}     (null/"none": model-free; methods gptq and rtn need calibration)
     calibration_key  object-store key of the uploaded .txt/.jsonl text (must be under tenants/<the job's tenant>/)
-    calib_seqs       calibration sequences (default 32)
-    calib_len        tokens per calibration sequence (default 512)
     outputs          subset of ["bundle", "dense", "report", "plots"] to publish (default bundle, dense, report;
                      "plots" is accepted and produces nothing yet)
-    eval_tokens      held-out tokens for the verification's perplexity and KL (default 2048)
-    seed             (default 0)
-    finetune_epochs  block fine-tuning epochs (calibrated; default 0 = off)
-    allocation       "kl" | "relative" | "absolute" | "none" (calibrated nwc; default: the codec's, CalibOptions)
-    allocation_strength  (default: the codec's)
-    act_order        GPTQ column order (default false)
+    calib_seqs, calib_len, eval_tokens, seed, finetune_epochs, allocation, allocation_strength, act_order
+                     the API's JobTuning fields (api/schemas/jobs.py: their bounds and defaults, checked here too)
     codec_id         a registered codec id (default: the newest)
 
 Verification is not optional: a job whose bundle does not decode, load and generate in a fresh process fails.
@@ -26,6 +20,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
+from api.schemas.jobs import JobTuning
 from api.services.keys import tenant_prefix
 
 __all__ = ["JobOptions", "InvalidJobOptions", "METHODS", "OUTPUTS", "DEFAULT_OUTPUTS"]
@@ -39,21 +36,24 @@ class InvalidJobOptions(ValueError):
     """The job cannot run with these options (a permanent failure, never retried)."""
 
 
+_TUNING = JobTuning()  # the defaults
+
+
 @dataclass(frozen=True)
 class JobOptions:
     method: str
     bits: float
     calibration: str | None = None  # None | "wiki" | "store" (then calibration_key is set)
     calibration_key: str | None = None
-    calib_seqs: int = 32
-    calib_len: int = 512
+    calib_seqs: int = _TUNING.calib_seqs
+    calib_len: int = _TUNING.calib_len
     outputs: tuple[str, ...] = DEFAULT_OUTPUTS
-    eval_tokens: int = 2048
-    seed: int = 0
-    finetune_epochs: int = 0
-    allocation: str | None = None  # None: codec.calibrated.CalibOptions' default
-    allocation_strength: float | None = None
-    act_order: bool = False
+    eval_tokens: int = _TUNING.eval_tokens
+    seed: int = _TUNING.seed
+    finetune_epochs: int = _TUNING.finetune_epochs
+    allocation: str | None = _TUNING.allocation  # None: codec.calibrated.CalibOptions' default
+    allocation_strength: float | None = _TUNING.allocation_strength
+    act_order: bool = _TUNING.act_order
     codec_id: str | None = None
 
     @property
@@ -109,29 +109,13 @@ class JobOptions:
             raise InvalidJobOptions(f"outputs must be a non-empty subset of {list(OUTPUTS)}")
         outputs = tuple(x for x in OUTPUTS if x in outputs)
 
-        def integer(name: str, default: int, lo: int, hi: int) -> int:
-            v = o.get(name, default)
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise InvalidJobOptions(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
-            return v
-
-        allocation = o.get("allocation")
-        if allocation not in (None, "kl", "relative", "absolute", "none"):
-            raise InvalidJobOptions(f"allocation must be kl, relative, absolute or none; got {allocation!r}")
-        strength = o.get("allocation_strength")
-        if strength is not None and (isinstance(strength, bool) or not isinstance(strength, int | float)
-                                     or not 0 <= strength <= 10):
-            raise InvalidJobOptions(f"allocation_strength must be a number in [0, 10], got {strength!r}")
-        act_order = o.get("act_order", False)
-        if not isinstance(act_order, bool):
-            raise InvalidJobOptions("act_order must be true or false")
+        try:  # strict: stored JSON has real ints and bools, so "3" or true for an integer is an error
+            tuning = JobTuning.model_validate({k: o[k] for k in JobTuning.model_fields if k in o}, strict=True)
+        except ValidationError as e:
+            raise InvalidJobOptions("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                              for err in e.errors())) from None
         codec_id = o.get("codec_id")
         if codec_id is not None and not isinstance(codec_id, str):
             raise InvalidJobOptions("codec_id must be a string")
-        return cls(
-            method=method, bits=bits, calibration=calibration, calibration_key=key,
-            calib_seqs=integer("calib_seqs", 32, 1, 4096), calib_len=integer("calib_len", 512, 8, 32768),
-            outputs=outputs, eval_tokens=integer("eval_tokens", 2048, 16, 1 << 20), seed=integer("seed", 0, 0, 2**31),
-            finetune_epochs=integer("finetune_epochs", 0, 0, 100), allocation=allocation,
-            allocation_strength=None if strength is None else float(strength), act_order=act_order, codec_id=codec_id,
-        )
+        return cls(method=method, bits=bits, calibration=calibration, calibration_key=key, outputs=outputs,
+                   codec_id=codec_id, **tuning.model_dump())
