@@ -86,7 +86,7 @@ def reap(settings: Settings | None = None, *, enqueue: Callable[[str], None] | N
     from api.services.hub import fail_interrupted_imports
     from api.storage import make_store
 
-    imports = fail_interrupted_imports(sf, make_store(settings), settings)
+    imports = fail_interrupted_imports(sf, lambda: make_store(settings), settings)
     return {"requeued": requeued, "failed": failed, "resent": resent, "imports_failed": imports}
 
 

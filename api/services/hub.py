@@ -26,6 +26,7 @@ import logging
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -250,15 +251,17 @@ class _Heartbeat(threading.Thread):
         self.join(10)
 
 
-def fail_interrupted_imports(session_factory: sessionmaker[Session], store: ObjectStore, settings: Settings
-                             ) -> list[str]:
+def fail_interrupted_imports(session_factory: sessionmaker[Session], store: Callable[[], ObjectStore],
+                             settings: Settings) -> list[str]:
     """Hub imports with no heartbeat for `lease_seconds` (their API process is gone): failed with a clear error,
-    their stored files deleted. Returns the model ids. Conditional UPDATEs: concurrent reapers are safe."""
+    their stored files deleted. Returns the model ids. Conditional UPDATEs: concurrent reapers are safe. `store`
+    is called only when there is something to delete (the reaper runs this every pass; most find nothing)."""
     cutoff = utcnow() - timedelta(seconds=settings.lease_seconds)
     with session_factory() as db:
         stale = list(db.execute(select(Model.id, Model.tenant_id).where(
             Model.source == ModelSource.HUB, Model.state == ModelState.PENDING, Model.updated_at < cutoff)))
-    failed = []
+    failed: list[str] = []
+    opened: ObjectStore | None = None
     for model_id, tenant_id in stale:
         with session_factory() as db:
             res = db.execute(update(Model).where(
@@ -270,7 +273,8 @@ def fail_interrupted_imports(session_factory: sessionmaker[Session], store: Obje
                 continue
             db.execute(delete(ModelFile).where(ModelFile.model_id == model_id))
             db.commit()
-        discard_prefix(store, keys.model_files_prefix(tenant_id, model_id))
+        opened = opened or store()
+        discard_prefix(opened, keys.model_files_prefix(tenant_id, model_id))
         log.warning("hub import %s interrupted: failed", model_id)
         failed.append(model_id)
     return failed
