@@ -21,10 +21,6 @@ from codec.registry import load_codec
 from codec.source import open_source
 from codec.tensor_codec import NWCTensorCodec
 
-# Measured on 4096 held-out tokens: see docs/BENCHMARKS.md (quality). SmolLM2 is very sensitive to weight error
-# (RTN 4-bit g128 on the decoder linears alone: ppl 21.6 → 36.0, MODELS.md).
-PPL_RATIO_BOUND_4BPW = 1.35
-
 
 @pytest.fixture(scope="module")
 def real_layer(smollm2_dir: Path):
@@ -86,42 +82,36 @@ def test_model_free_only_architecture_is_refused(minilm_dir: Path, tmp_path: Pat
     assert not (tmp_path / "b" / "model.nwc").exists()
 
 
-EVAL = """
-import json, sys
-from pathlib import Path
-from codec.assets import eval_text
-from codec.evaluate import perplexity
-print(json.dumps({"ppl": perplexity(Path(sys.argv[1]), eval_text(), max_tokens=4096, window=1024).ppl}))
-"""
-
-
-@pytest.mark.slow
-def test_calibrated_cli_end_to_end_4bpw(smollm2_dir: Path, tmp_path: Path):
-    """compress --calib at a mid rate → decompress → perplexity in a fresh process within the bound."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-
-    def run(*args: str) -> str:
-        r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=1800)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return r.stdout
-
-    bundle, dense = tmp_path / "b", tmp_path / "d"
-    run("-m", "codec.cli", "compress", str(smollm2_dir), "-o", str(bundle), "--bits", "4", "--calib", "wiki",
-        "--calib-seqs", "8", "--calib-len", "256", "-q")
-    report = json.loads((bundle / "report.json").read_text())
-    assert abs(report["measured_bits"] - 4) <= 0.05
-    assert report["calibration"]["sha256"] and report["method"] == "nwc"
-    assert len(report["layers"]) == 30 * 7 and all(0 <= lr["proxy_error"] < 0.05 for lr in report["layers"])
-    run("-m", "codec.cli", "decompress", str(bundle), "-o", str(dense), "-q")
-    ppl = json.loads(run("-c", EVAL, str(dense)).splitlines()[-1])["ppl"]
-    ppl0 = json.loads(run("-c", EVAL, str(smollm2_dir)).splitlines()[-1])["ppl"]
-    assert ppl < PPL_RATIO_BOUND_4BPW * ppl0, (ppl, ppl0)
-
-
 @pytest.fixture(scope="module")
 def small_llama(smollm2_dir: Path, tmp_path_factory) -> Path:
     """SmolLM2 cut to its first 3 decoder blocks."""
     return cut_smollm2(smollm2_dir, tmp_path_factory.mktemp("small-llama"), 3)
+
+
+def test_calibrated_cli_end_to_end(small_llama: Path, tmp_path: Path):
+    """`nwc compress --calib` → report, fresh-process verification and dense output → `nwc decompress` gives the
+    same dense tensors. On a 3-block cut of SmolLM2: the full model's calibrated 4-bit quality bound is checked
+    once, through the API (tests/test_worker.py::test_services_end_to_end_through_the_api), on the same code."""
+    from safetensors.torch import load_file
+
+    def run(*args: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "codec.cli", *args], capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    bundle, dense = tmp_path / "b", tmp_path / "d"
+    run("compress", str(small_llama), "-o", str(bundle), "--bits", "4", "--calib", "wiki", "--calib-seqs", "4",
+        "--calib-len", "128", "--eval-tokens", "256", "--dense", str(tmp_path / "verified"), "-q")
+    report = json.loads((bundle / "report.json").read_text())
+    assert abs(report["measured_bits"] - 4) <= 0.05
+    assert report["calibration"]["sha256"] and report["calibration"]["n_seq"] == 4 and report["method"] == "nwc"
+    assert len(report["layers"]) == 3 * 7 and all(0 <= lr["proxy_error"] < 0.05 for lr in report["layers"])
+    v = report["verification"]
+    assert v["ok"] and v["causal_lm"] and v["evaluation"]["compressed"]["n_tokens"] > 200, v
+    run("decompress", str(bundle), "-o", str(dense), "-q")
+    (a,), (b,) = (list(d.glob("*.safetensors")) for d in (dense, tmp_path / "verified"))
+    ta, tb = load_file(a), load_file(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 CRASH_RUN = """
@@ -158,16 +148,23 @@ def test_resume_after_sigkill_gives_identical_bundle(small_llama: Path, tmp_path
 
     crashed = tmp_path / "crashed"
     state = crashed / ".nwc-work" / "state.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The crashed run uses this process's thread count: float sums reduce in an order that depends on it, and with
+    # block fine-tuning (Adam) a last-ulp difference can move a GPTQ rounding, so bit-identical resumption holds for
+    # one environment (a resumed job on a worker with other threads gives a valid, not byte-identical, bundle).
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-c", CRASH_RUN, str(small_llama), str(crashed), method, str(finetune)],
                             env=env)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and sum(k.startswith("layer-") for k in json.loads(state.read_text())["done"]) >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if state.exists() and sum(k.startswith("layer-") for k in json.loads(state.read_text())["done"]) >= 2:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"the run ended (rc {proc.returncode}) or stalled before 2 blocks were checkpointed")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (crashed / "model.nwc").exists()  # a killed run leaves no bundle, only checkpoints
 
     # resumed from a copy of the source elsewhere, as a job redelivered to another worker would be

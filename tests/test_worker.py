@@ -70,7 +70,9 @@ FAST = {"NWC_LEASE_SECONDS": "5", "NWC_LEASE_HEARTBEAT_SECONDS": "1", "NWC_REAPE
         "NWC_WEBHOOK_BACKOFF_SECONDS": "0.2", "NWC_WEBHOOK_ATTEMPTS": "4", "NWC_WORKER_DEVICE": "cpu",
         "NWC_SECRET_KEY": SECRET, "NWC_WEBHOOK_ALLOW_PRIVATE": "true"}
 JOB_TIMEOUT = 600
-PPL_RATIO_BOUND_4BPW = 1.35  # as tests/test_calibrated.py (measured: +10.5 % at 4 bits, docs/BENCHMARKS.md)
+# Full SmolLM2, calibrated NWC at 4 bits (measured +10.5 % to +14 %, docs/BENCHMARKS.md). SmolLM2 is very sensitive to
+# weight error (RTN 4-bit g128 on the decoder linears alone: ppl 21.6 → 36.0, MODELS.md).
+PPL_RATIO_BOUND_4BPW = 1.35
 
 
 # ----------------------------------------------------------------------------- harness
@@ -443,7 +445,7 @@ def test_services_end_to_end_through_the_api(services_dep: Deployment, smollm2_d
     (`nwc serve --no-worker`), a worker (`nwc worker`), a key from `nwc admin create-key`, and `nwc remote submit
     --wait --download`: upload SmolLM2-135M-Instruct → calibrated NWC job at 4 bits → poll → download through
     presigned S3 URLs → transformers loads the dense model, whose perplexity on held-out Wikipedia is within
-    PPL_RATIO_BOUND_4BPW of the original's (the bound of the CLI's calibrated end-to-end test, same calibration)."""
+    PPL_RATIO_BOUND_4BPW of the original's. The suite's one full-model calibrated run (the CLI's is on a cut model)."""
     from services import free_ports
 
     from codec.assets import eval_text
