@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -23,15 +24,25 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from api_support import ApiServer, start_server, tiny_model_files
+from fake_hub import FakeHub, repo_of_dir
+from services import (  # noqa: F401  (pytest fixtures)
+    PostgresServer,
+    S3Config,
+    postgres_server,
+    redis_url,
+    s3_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The README links the screenshots of the last run here; NWC_SCREENSHOTS_DIR sends them elsewhere.
 SHOTS = Path(os.environ.get("NWC_SCREENSHOTS_DIR") or ROOT / "docs" / "screenshots")
 CHROMIUM = os.environ.get("NWC_CHROMIUM", "/usr/bin/chromium")
+HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 # ----------------------------------------------------------------------------- fast: pages and files
@@ -100,8 +111,14 @@ def test_model_detail_counts_parameters(api_server: ApiServer) -> None:
 # ----------------------------------------------------------------------------- browser: the whole flow
 
 JOB_TIMEOUT = 600
-# Chromium reports every non-2xx fetch as a console error; those are the API errors the test provokes.
-EXPECTED_CONSOLE = re.compile(r"Failed to load resource: the server responded with a status of (401|422)")
+# Chromium reports every non-2xx fetch as a console error; the API's refusals that the tests provoke (bad key,
+# unknown Hub model, refused job values) are expected, anything else (a missing static file, say) is not.
+EXPECTED_CONSOLE = re.compile(r"Failed to load resource: the server responded with a status of (401|404|422)")
+
+
+def _unexpected_console(m: Any) -> bool:
+    api_refusal = EXPECTED_CONSOLE.search(m.text) and "/v1/" in (m.location or {}).get("url", "")
+    return m.type == "error" and not api_refusal
 
 
 @dataclass
@@ -116,41 +133,91 @@ class Served:
         return httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {self.key}"}, timeout=60)
 
 
+def _wait_healthy(base: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:  # database, broker and store reachable
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.3)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)  # serve stops its worker's process group itself
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def _nwc(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """`python -m codec.cli ARGS` as its own process group, output to `log`, stopped on exit."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "codec.cli", *args], env=env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def hub(minilm_dir: Path) -> Iterator[FakeHub]:
+    fake = FakeHub({HUB_ID: repo_of_dir(minilm_dir)})
+    yield fake
+    fake.close()
+
+
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
+def served(tmp_path: Path, hub: FakeHub) -> Iterator[Served]:
     """`nwc serve` as a user starts it (API + local worker, SQLite, local store, filesystem broker), on a free port
-    and with no NWC_PUBLIC_URL: serve derives it from --port, so presigned URLs reach this process."""
+    and with no NWC_PUBLIC_URL: serve derives it from --port, so presigned URLs reach this process. Model IDs are
+    imported from a local server that speaks the Hub's file API."""
     from services import free_ports
 
     port = free_ports(1)[0]
     data = tmp_path / "data"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NWC_DATA_DIR": str(data), "NWC_WORKER_DEVICE": "cpu"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NWC_DATA_DIR": str(data), "NWC_WORKER_DEVICE": "cpu",
+           "NWC_HF_ENDPOINT": hub.url}
     env.pop("NWC_PUBLIC_URL", None)
     log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "codec.cli", "serve", "--port", str(port)], env=env, cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.3)
+    with _nwc(["serve", "--port", str(port)], env, log) as proc:
+        base = f"http://127.0.0.1:{port}"
+        _wait_healthy(base, proc, log)
         key = (data / "local-api-key").read_text().strip()  # written by serve's first start, before it listens
         yield Served(base, key, data, log, proc)
-    finally:
-        proc.send_signal(signal.SIGTERM)  # serve stops its worker's process group itself
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+
+
+@pytest.fixture
+def served_production(tmp_path: Path, postgres_server: PostgresServer, redis_url: str,  # noqa: F811
+                      s3_config: S3Config) -> Iterator[Served]:  # noqa: F811
+    """Production layout: PostgreSQL, Redis and SeaweedFS (S3), `nwc serve --no-worker`, one `nwc worker`, a key from
+    `nwc admin create-key`. The browser uploads to and downloads from the S3 server itself (presigned URLs, another
+    origin than the dashboard's: SeaweedFS answers CORS for any origin by default, DEPLOY.md says what S3 needs)."""
+    import redis
+    from services import free_ports
+
+    port = free_ports(1)[0]
+    broker = redis_url.rsplit("/", 1)[0] + "/6"
+    redis.Redis.from_url(broker).flushdb()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NWC_WORKER_DEVICE": "cpu", "NWC_BROKER_URL": broker,
+           "NWC_DATABASE_URL": postgres_server.new_database("dashboard"), "NWC_DATA_DIR": str(tmp_path / "data"),
+           "NWC_PUBLIC_URL": f"http://127.0.0.1:{port}",
+           **{f"NWC_{k.upper()}": v for k, v in s3_config.settings().items()}}
+    log = tmp_path / "api.log"
+    with _nwc(["serve", "--no-worker", "--port", str(port)], env, log) as api:
+        base = f"http://127.0.0.1:{port}"
+        _wait_healthy(base, api, log)  # serve has migrated the database
+        key = subprocess.run([sys.executable, "-m", "codec.cli", "admin", "create-key", "--tenant", "ui",
+                              "--create-tenant"], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+                             ).stdout.strip()
+        with _nwc(["worker", "--concurrency", "1"], env, tmp_path / "worker.log"):
+            yield Served(base, key, tmp_path / "data", log, api)
 
 
 @pytest.fixture
@@ -169,24 +236,68 @@ def _value(page, selector: str) -> float:
     return float(page.eval_on_selector(selector, "e => e.value"))
 
 
-@pytest.mark.slow
-def test_dashboard_in_chromium(served: Served, small_llama: Path, minilm_dir: Path) -> None:
+@contextlib.contextmanager
+def _chromium_page(problems: list[str]) -> Iterator[Any]:
+    """A 1280×800 page in real headless Debian Chromium; console errors (but the expected API refusals) and page
+    errors are appended to `problems`."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' installs playwright")
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} is missing: run scripts/setup.sh (it apt-installs Debian's chromium)", pytrace=False)
-    from playwright.sync_api import expect
-
-    t0 = time.monotonic()
-    timings: dict[str, float] = {}
-    problems: list[str] = []
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
         ctx = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
         page = ctx.new_page()
         page.set_default_timeout(30_000)
-        page.on("console", lambda m: m.type == "error" and not EXPECTED_CONSOLE.search(m.text)
-                and problems.append(f"console: {m.text}"))
+        page.on("console", lambda m: _unexpected_console(m) and problems.append(f"console: {m.text} {m.location}"))
         page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def _sign_in(page: Any, served: Served, then: str = "/ui/") -> None:
+    """Sign in on the sign-in page; it goes on to `then` (the page that sent it there)."""
+    page.get_by_label("API key", exact=True).fill(served.key)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{served.base}{then}")
+
+
+def _upload(page: Any, files: list[Path], name: str, selected: int | None = None) -> None:
+    """On the models page: pick `files` (`selected` files are then listed), name the model, upload, wait until it is
+    ready."""
+    from playwright.sync_api import expect
+
+    page.get_by_label("Choose files", exact=True).set_input_files([str(f) for f in files])
+    page.get_by_label("Model name", exact=True).fill(name)
+    expect(page.locator("#selected-summary")).to_contain_text(f"{selected or len(files)} files selected")
+    page.get_by_role("button", name="Upload", exact=True).click()
+    page.wait_for_function("() => document.getElementById('upload-progress').value === 100", timeout=120_000)
+    expect(page.locator("#notices")).to_contain_text("is uploaded and ready", timeout=60_000)
+    expect(page.locator("#models-body tr", has_text=name)).to_contain_text("Ready")
+    assert page.locator("#upload-percent").inner_text() == "100 %"
+
+
+def _download_matches(page: Any, api: httpx.Client, job_id: str, name: str) -> str:
+    """Click the artifact's download link; the file's sha256 and size are the API's. Returns the URL it came from."""
+    art = next(a for a in api.get(f"/v1/jobs/{job_id}/artifacts").json() if a["name"] == name)
+    with page.expect_download() as dl:
+        page.get_by_role("link", name=f"Download {name}").click()
+    download = dl.value
+    assert download.suggested_filename == name.replace("/", "_")  # the store's Content-Disposition; "/" → "_"
+    with open(download.path(), "rb") as f:
+        assert hashlib.file_digest(f, "sha256").hexdigest() == art["sha256"]
+    assert Path(download.path()).stat().st_size == art["size"]
+    return download.url
+
+
+@pytest.mark.slow
+def test_dashboard_in_chromium(served: Served, small_llama: Path) -> None:
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    problems: list[str] = []
+    with _chromium_page(problems) as page:
+        from playwright.sync_api import expect
 
         # --- sign in: a page needs a key first; a bad key is refused in plain words
         page.goto(f"{served.base}/")
@@ -196,9 +307,7 @@ def test_dashboard_in_chromium(served: Served, small_llama: Path, minilm_dir: Pa
         alert = page.locator("#alerts .alert.error")
         expect(alert).to_contain_text("Could not sign in: The API key was not accepted")
         _shot(page, "signin")
-        page.get_by_label("API key", exact=True).fill(served.key)
-        page.get_by_role("button", name="Sign in").click()
-        page.wait_for_url(f"{served.base}/ui/")
+        _sign_in(page, served)
         expect(page.locator("#jobs-empty")).to_be_visible()
 
         # --- models: drag and drop adds to the selection; the file picker adds the model; upload to 100 %
@@ -213,17 +322,10 @@ def test_dashboard_in_chromium(served: Served, small_llama: Path, minilm_dir: Pa
         expect(page.locator("#selected-files")).to_contain_text("README.md")
         expect(page.locator("#selected-files")).to_contain_text("pickle checkpoint: refused")
         files = sorted(f for f in small_llama.iterdir() if f.is_file())
-        page.get_by_label("Choose files", exact=True).set_input_files([str(f) for f in files])
-        page.get_by_label("Model name", exact=True).fill("SmolLM2 (3 blocks)")
-        expect(page.locator("#selected-summary")).to_contain_text(f"{len(files) + 1} files selected")
         t = time.monotonic()
-        page.get_by_role("button", name="Upload", exact=True).click()
-        page.wait_for_function("() => document.getElementById('upload-progress').value === 100", timeout=120_000)
-        expect(page.locator("#notices")).to_contain_text("is uploaded and ready", timeout=60_000)
+        _upload(page, files, "SmolLM2 (3 blocks)", selected=len(files) + 1)
         timings["upload"] = time.monotonic() - t
         row = page.locator("#models-body tr", has_text="SmolLM2 (3 blocks)")
-        expect(row).to_contain_text("Ready")
-        assert page.locator("#upload-percent").inner_text() == "100 %"
         _shot(page, "models")
         with served.api() as api:
             (model,) = [m for m in api.get("/v1/models").json()["items"] if m["name"] == "SmolLM2 (3 blocks)"]
@@ -258,13 +360,6 @@ def test_dashboard_in_chromium(served: Served, small_llama: Path, minilm_dir: Pa
         page.get_by_role("button", name="Start job").click()
         page.wait_for_url(re.compile(r"/ui/jobs/job_[0-9a-f]+$"))
         job_id = page.url.rsplit("/", 1)[1]
-        # a baseline of the same model on the same evaluation tokens, for the job page's perplexity plot
-        from api.client import NWCClient
-        from api.schemas.jobs import JobTuning
-
-        with NWCClient(served.base, served.key) as client:
-            rtn = client.submit_job(model["id"], 4, method="rtn", calibration="wiki", outputs=["bundle", "report"],
-                                    tuning=JobTuning(calib_seqs=4, calib_len=64, eval_tokens=64)).id
 
         # --- jobs list: the job's progress advances while it runs
         page.locator("nav").get_by_role("link", name="Jobs", exact=True).click()
@@ -298,9 +393,6 @@ def test_dashboard_in_chromium(served: Served, small_llama: Path, minilm_dir: Pa
         assert seen[-1] == 1 and increases >= 2, seen  # it moved while we watched, more than once
         assert phone_checked, seen
 
-        with NWCClient(served.base, served.key) as client:
-            assert client.wait_job(rtn, timeout=JOB_TIMEOUT).state == "succeeded", served.log.read_text()[-5000:]
-
         # --- keyboard only: the skip link comes first, then Tab reaches the job's link (rows are updated in
         # place by the polling, so focus stays put) and Enter opens it
         page.reload()
@@ -315,19 +407,42 @@ def test_dashboard_in_chromium(served: Served, small_llama: Path, minilm_dir: Pa
             pytest.fail("the job's link is not reachable with Tab")
         page.keyboard.press("Enter")
 
-        # --- the finished job: stages, evaluation, plots with data (the RTN baseline too), per-layer table
+        # --- the finished job: stages, evaluation, plots with data, per-layer table
         page.wait_for_url(f"**/ui/jobs/{job_id}")
         expect(page.locator("#stage-timeline li")).to_have_count(5)
         expect(page.locator("#eval-summary")).to_contain_text("Perplexity")
         for plot in ("plot-ppl", "plot-bits"):
             expect(page.locator(f"#{plot} .main-svg").first).to_be_visible()
-        n_traces, n_bars = page.evaluate("""() => [document.getElementById('plot-ppl').data.length,
+        plot_counts = """() => [document.getElementById('plot-ppl').data.length,
             document.getElementById('plot-bits').data.filter(t => t.type === 'bar')
-                .reduce((s, t) => s + t.y.length, 0)]""")
-        # RTN (other jobs), this job, the original's point and line; 7 matrices per block
-        assert n_traces == 4 and n_bars >= 3 * 7
-        expect(page.locator("#plot-ppl-caption")).to_contain_text("1 other finished job of this model")
+                .reduce((s, t) => s + t.y.length, 0)]"""
+        n_traces, n_bars = page.evaluate(plot_counts)
+        assert n_traces == 3 and n_bars >= 3 * 7  # this job, the original's point and line; 7 matrices per block
         assert page.locator("#layers-body tr").count() > n_bars  # coded tensors and the ones stored as is
+
+        # --- a baseline for the plot, from the page's link: the form comes filled in (method, bits, calibration,
+        # the same evaluation tokens); it runs, and the plot then shows it
+        compare = page.locator("#plot-ppl-compare")
+        expect(compare).to_contain_text("RTN at 4 bits")
+        expect(compare).to_contain_text("GPTQ at 4 bits")
+        compare.get_by_role("link", name="RTN at 4 bits").click()
+        page.wait_for_url("**/ui/jobs/new?*method=rtn*")
+        expect(page.get_by_label("Method", exact=True)).to_have_value("rtn")  # once the page has loaded the models
+        expect(page.get_by_label("Target bits per weight", exact=True)).to_have_value("4")
+        expect(page.get_by_label("Calibration", exact=True)).to_have_value("wiki")
+        page.locator("#advanced summary").click()
+        expect(page.get_by_label("Evaluation tokens (held-out text)", exact=True)).to_have_value("64")
+        page.get_by_label("Calibration sequences", exact=True).fill("4")
+        page.get_by_label("Tokens per calibration sequence", exact=True).fill("64")
+        page.get_by_label("Decoded dense model", exact=True).uncheck()
+        page.get_by_role("button", name="Start job").click()
+        page.wait_for_url(re.compile(r"/ui/jobs/job_[0-9a-f]+$"))
+        expect(page.get_by_role("link", name="Download bundle/model.nwc")).to_be_visible(timeout=JOB_TIMEOUT * 1000)
+        page.goto(f"{served.base}/ui/jobs/{job_id}")
+        expect(page.locator("#plot-ppl-caption")).to_contain_text("1 other finished job of this model")
+        assert page.evaluate(plot_counts)[0] == 4  # the RTN job joined the plot
+        expect(compare).not_to_contain_text("RTN")
+        expect(compare).to_contain_text("GPTQ at 4 bits")
         _shot(page, "job")
         page.set_viewport_size({"width": 390, "height": 844})  # the longest page fits a phone's width too
         page.wait_for_timeout(500)
@@ -336,21 +451,26 @@ def test_dashboard_in_chromium(served: Served, small_llama: Path, minilm_dir: Pa
 
         # --- download the bundle through its presigned URL; the bytes match the sha256 the API recorded
         with served.api() as api:
-            arts = {a["name"]: a for a in api.get(f"/v1/jobs/{job_id}/artifacts").json()}
-        assert {"bundle/model.nwc", "report.json"} <= set(arts) and not any(n.startswith("dense/") for n in arts)
-        with page.expect_download() as dl:
-            page.get_by_role("link", name="Download bundle/model.nwc").click()
-        download = dl.value
-        # the store names it after the artifact (Content-Disposition); browsers turn "/" into "_"
-        assert download.suggested_filename == "bundle_model.nwc"
-        with open(download.path(), "rb") as f:
-            assert hashlib.file_digest(f, "sha256").hexdigest() == arts["bundle/model.nwc"]["sha256"]
-        assert Path(download.path()).stat().st_size == arts["bundle/model.nwc"]["size"]
+            arts = {a["name"] for a in api.get(f"/v1/jobs/{job_id}/artifacts").json()}
+            assert {"bundle/model.nwc", "report.json"} <= arts and not any(n.startswith("dense/") for n in arts)
+            _download_matches(page, api, job_id, "bundle/model.nwc")
+
+        # --- import by model ID: an unknown one is refused in plain words, MiniLM comes in from the (local) Hub
+        page.locator("nav").get_by_role("link", name="Models", exact=True).click()
+        page.wait_for_url("**/ui/models")
+        page.get_by_label("Model ID", exact=True).fill("acme/nope")
+        page.get_by_role("button", name="Import", exact=True).click()
+        expect(alert).to_contain_text("Could not import acme/nope")
+        page.get_by_label("Model ID", exact=True).fill(HUB_ID)
+        page.get_by_role("button", name="Import", exact=True).click()
+        expect(page.locator("#notices")).to_contain_text(f"Importing {HUB_ID}")
+        hub_row = page.locator("#models-body tr", has_text=f"Hub {HUB_ID}")
+        expect(hub_row).to_contain_text("Ready", timeout=120_000)
+        _shot(page, "models-import")
 
         # --- a job that fails: GPTQ needs a causal LM, MiniLM is an encoder (the worker fails it at plan)
-        with NWCClient(served.base, served.key) as client:
-            minilm = client.upload_model_dir(minilm_dir, name="all-MiniLM-L6-v2")
-        page.goto(f"{served.base}/ui/jobs/new?model_id={minilm.id}")
+        hub_row.get_by_role("link", name="New job").click()
+        page.wait_for_url("**/ui/jobs/new?model_id=*")
         expect(page.locator("#predicted-size")).to_contain_text("parameters")
         page.get_by_label("Method", exact=True).select_option("gptq")
         assert page.get_by_label("Calibration", exact=True).input_value() == "wiki"  # model-free is nwc only
@@ -359,9 +479,20 @@ def test_dashboard_in_chromium(served: Served, small_llama: Path, minilm_dir: Pa
         failure = page.locator("#job-error")
         expect(failure).to_contain_text("This job failed. Reason: calibrated compression needs a causal language "
                                         "model", timeout=JOB_TIMEOUT * 1000)
-        expect(page.get_by_role("button", name="Retry job")).to_be_visible()
         expect(page.get_by_role("button", name="Cancel job")).to_be_hidden()
         _shot(page, "job-failed")
+        failed_job = page.url.rsplit("/", 1)[1]
+        with served.api() as api:
+            first_end = api.get(f"/v1/jobs/{failed_job}").json()["finished_at"]
+            page.get_by_role("button", name="Retry job").click()  # a lasting cause: it runs and fails again
+            expect(page.locator("#notices")).to_contain_text("The job is queued again.")
+            deadline = time.monotonic() + JOB_TIMEOUT
+            while (j := api.get(f"/v1/jobs/{failed_job}").json())["finished_at"] in (None, first_end):
+                assert time.monotonic() < deadline, j
+                time.sleep(0.5)
+        assert j["state"] == "failed", j
+        expect(failure).to_contain_text("needs a causal language model")
+        expect(page.get_by_role("button", name="Retry job")).to_be_visible()
 
         # --- signing out forgets the key in this tab
         page.get_by_role("button", name="Sign out").click()
@@ -369,8 +500,55 @@ def test_dashboard_in_chromium(served: Served, small_llama: Path, minilm_dir: Pa
         assert page.evaluate("() => sessionStorage.length") == 0
         page.goto(f"{served.base}/ui/models")
         page.wait_for_url(re.compile(r"/ui/signin\?next="))
-        browser.close()
     assert not problems, problems
     print(f"dashboard in chromium: {time.monotonic() - t0:.0f} s "
           + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
 
+
+
+@pytest.mark.slow
+def test_dashboard_in_production_mode(served_production: Served, small_llama: Path, s3_config: S3Config) -> None:  # noqa: F811
+    """The dashboard against the production layout: the browser sends the weights to S3 in parts through presigned
+    part URLs, an RTN job started from the form is cancelled and retried from its page, and the bundle comes from S3
+    through its presigned URL with the sha256 the API recorded."""
+    served = served_production
+    problems: list[str] = []
+    with _chromium_page(problems) as page:
+        from playwright.sync_api import expect
+
+        page.goto(f"{served.base}/ui/models")
+        page.wait_for_url(re.compile(r"/ui/signin\?next="))
+        _sign_in(page, served, then="/ui/models")
+        files = sorted(f for f in small_llama.iterdir() if f.is_file())
+        with page.expect_request(lambda r: r.method == "PUT" and r.url.startswith(s3_config.endpoint_url)) as put:
+            _upload(page, files, "SmolLM2 (3 blocks)")
+        assert "partNumber=" in put.value.url  # a multipart part, straight to the store
+
+        page.locator("#models-body tr", has_text="SmolLM2 (3 blocks)").get_by_role("link", name="New job").click()
+        page.wait_for_url("**/ui/jobs/new?model_id=*")
+        page.get_by_label("Method", exact=True).select_option("rtn")
+        page.get_by_label("Target bits per weight", exact=True).fill("4")
+        page.get_by_label("Calibration", exact=True).select_option("wiki")
+        page.get_by_label("Decoded dense model", exact=True).uncheck()
+        page.locator("#advanced summary").click()
+        page.get_by_label("Calibration sequences", exact=True).fill("4")
+        page.get_by_label("Tokens per calibration sequence", exact=True).fill("64")
+        page.get_by_label("Evaluation tokens (held-out text)", exact=True).fill("64")
+        page.get_by_role("button", name="Start job").click()
+        page.wait_for_url(re.compile(r"/ui/jobs/job_[0-9a-f]+$"))
+        job_id = page.url.rsplit("/", 1)[1]
+
+        # cancel while it waits or runs, then retry: it runs to the end
+        page.get_by_role("button", name="Cancel job").click()
+        expect(page.locator("#job-error")).to_contain_text("This job was cancelled.", timeout=JOB_TIMEOUT * 1000)
+        page.get_by_role("button", name="Retry job").click()
+        expect(page.locator("#notices")).to_contain_text("The job is queued again.")
+        link = page.get_by_role("link", name="Download bundle/model.nwc")
+        expect(link).to_be_visible(timeout=JOB_TIMEOUT * 1000)
+        expect(page.locator("#job-error")).to_be_hidden()
+        with served.api() as api:
+            job = api.get(f"/v1/jobs/{job_id}").json()
+            assert job["state"] == "succeeded" and job["attempts"] == 1, job
+            url = _download_matches(page, api, job_id, "bundle/model.nwc")
+        assert url.startswith(s3_config.endpoint_url), url  # presigned, served by the store, not the API
+    assert not problems, problems

@@ -122,33 +122,27 @@ function main() {
     if (!stop) stop = every(POLL_MS, tick);
   }
 
-  cancelBtn.addEventListener("click", async () => {
-    clearAlerts();
-    cancelBtn.disabled = true;
-    try {
-      await api(`${base}/cancel`, { method: "POST" });
-      showNotice("Cancel requested: the worker stops the job within a few seconds.");
-      startPolling();
-    } catch (e) {
-      showError(e, "Could not cancel the job");
-    } finally {
-      cancelBtn.disabled = false;
-    }
-  });
-
-  retryBtn.addEventListener("click", async () => {
-    clearAlerts();
-    retryBtn.disabled = true;
-    try {
-      await api(`${base}/retry`, { method: "POST" });
-      showNotice("The job is queued again.");
-      resultsShown = false;
-      startPolling();
-    } catch (e) {
-      showError(e, "Could not retry the job");
-    } finally {
-      retryBtn.disabled = false;
-    }
+  /** A button that POSTs one action of the job, says what happened and follows the job again. */
+  function actionButton(button, action, notice, failure, after = () => {}) {
+    button.addEventListener("click", async () => {
+      clearAlerts();
+      button.disabled = true;
+      try {
+        await api(`${base}/${action}`, { method: "POST" });
+        showNotice(notice);
+        after();
+        startPolling();
+      } catch (e) {
+        showError(e, failure);
+      } finally {
+        button.disabled = false;
+      }
+    });
+  }
+  actionButton(cancelBtn, "cancel", "Cancel requested: the worker stops the job within a few seconds.",
+    "Could not cancel the job");
+  actionButton(retryBtn, "retry", "The job is queued again.", "Could not retry the job", () => {
+    resultsShown = false;
   });
 
   // ------------------------------------------------------------ results
@@ -282,11 +276,27 @@ function main() {
       });
       caption.textContent = `Perplexity on ${fmtNumber(e.original.n_tokens, 0)} held-out tokens against measured bits per weight: `
         + `this job, ${points.length} other finished job${points.length === 1 ? "" : "s"} of this model on the same tokens, and the original model.`;
+      compareLinks(points);
     } else {
       document.getElementById("plot-ppl").replaceChildren(el("p", { class: "empty" }, "No perplexity: the verification did not evaluate this model (not a causal language model)."));
       caption.textContent = "Perplexity vs bits: not available for this model.";
     }
     bitsPerLayerPlot("plot-bits", r.tensors || [], r.measured_bits);
+  }
+
+  /** Links to the new-job form, filled in for a baseline (RTN, GPTQ) of this model at this job's bits and on the same
+   * evaluation tokens, for each baseline the plot does not show yet. */
+  function compareLinks(points) {
+    const shown = new Set([job.method, ...points.map((p) => p.method)]);
+    const missing = ["rtn", "gptq"].filter((m) => !shown.has(m));
+    const box = document.getElementById("plot-ppl-compare");
+    if (!missing.length) return box.replaceChildren();
+    const calibration = job.calibration === "none" ? "wiki" : job.calibration; // the baselines need calibration
+    const links = missing.map((m) => el("a", {
+      href: `/ui/jobs/new?${new URLSearchParams({ model_id: job.model_id, method: m, bits: String(job.target_bits), calibration, eval_tokens: String(job.tuning.eval_tokens) })}`,
+    }, `${m.toUpperCase()} at ${job.target_bits} bits`));
+    box.replaceChildren("Compare with a baseline on the same tokens: start ",
+      ...links.flatMap((a, i) => (i ? [" or ", a] : [a])), ".");
   }
 
   startPolling();

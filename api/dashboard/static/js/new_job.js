@@ -13,6 +13,7 @@ async function main() {
   const bitsInput = document.getElementById("job-bits");
   const calSel = document.getElementById("job-calibration");
   const predicted = document.getElementById("predicted-size");
+  const query = new URLSearchParams(location.search);
   // One key per form: pressing "Start job" twice (or a retry after a lost answer) makes one job.
   const idempotencyKey = `ui-${crypto.randomUUID()}`;
   let detail = null; // ModelDetail of the selected model
@@ -54,6 +55,19 @@ async function main() {
     if (none.disabled && calSel.value === "none") calSel.value = "wiki";
   }
 
+  /** Settings from the address (the job page's "compare with a baseline" links): method, bits, calibration and
+   * evaluation tokens, each taken only when the form offers it. */
+  function prefill() {
+    const method = query.get("method");
+    if (method && method in BITS) methodSel.value = method;
+    const bits = query.get("bits");
+    if (bits) bitsInput.value = bits;
+    const cal = query.get("calibration");
+    if (cal && [...calSel.options].some((o) => o.value === cal)) calSel.value = cal;
+    const evalTokens = query.get("eval_tokens");
+    if (evalTokens) form.elements.eval_tokens.value = evalTokens;
+  }
+
   modelSel.addEventListener("change", selectModel);
   methodSel.addEventListener("change", updateMethod);
   bitsInput.addEventListener("input", updatePrediction);
@@ -71,13 +85,14 @@ async function main() {
     const models = (await listAll("/v1/models?state=ready")).sort((a, b) => a.name.localeCompare(b.name));
     modelSel.replaceChildren(el("option", { value: "" }, models.length ? "Choose a model…" : "No ready models: upload one first"),
       ...models.map((m) => el("option", { value: m.id }, `${m.name} (${fmtBytes(m.total_bytes)})`)));
-    const want = new URLSearchParams(location.search).get("model_id");
+    const want = query.get("model_id");
     if (want && models.some((m) => m.id === want)) modelSel.value = want;
     else if (models.length === 1) modelSel.value = models[0].id;
     await loadCalibration();
   } catch (e) {
     showError(e, "Could not load your models");
   }
+  prefill();
   updateMethod();
   selectModel();
 
