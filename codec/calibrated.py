@@ -20,6 +20,13 @@ Methods share everything but the layer coder:
   control exactly as model-free compression (embeddings and lm_head are coded model-free).
 - `gptq`: GPTQ (Frantar et al. 2022) at integer bits, group 128; embeddings RTN at the same bits.
 - `rtn`: round-to-nearest, group 128, everything.
+- `nowag-vq`: NoWag vector quantization of the linears with this pipeline's diag(H) (codec.nowag); the
+  embedding and an untied lm_head are coded the same way data-free (diag(H) = 1).
+- `nowag-p` / `wanda`: NoWag-P or Wanda pruning of the linears (`CalibOptions.sparsity` or `.pattern`); the
+  embedding, lm_head and norms stay as they are (the papers prune the decoder linears only). No rate target.
+
+Unlike the NoWag paper, which takes each layer's statistics from the original model, every method here sees the
+inputs of the already-compressed blocks upstream (sequential, as GPTQ and Wanda's code do): one data path.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import math
 import os
 import shutil
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -62,6 +70,7 @@ from codec.container import (
 from codec.entropy import encode_symbols
 from codec.gptq import QuantizedLinear, gptq_quantize, rtn_quantize, to_segments
 from codec.hessian import block_ldl, collect_hessians, ldlq, proxy_error, regularize
+from codec.nowag import PRUNE_METHODS, NoWagError, PruneSpec, prune, prune_segments, vq_dim, vq_quantize, vq_segments
 from codec.pipeline import (
     BUNDLE_FILE,
     HEADER_ESTIMATE,
@@ -86,6 +95,7 @@ from codec.source import ModelSource, open_source
 from codec.tensor_codec import NWCTensorCodec
 from codec.tensors import parse_dtype, to_bytes
 
+METHODS = ("nwc", "gptq", "rtn", "nowag-vq", *PRUNE_METHODS)
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM"}
 # Coding order inside a block (NOTES §1); modules of one group share their input, hence one Hessian.
 GROUPS = (("self_attn.v_proj", "self_attn.q_proj", "self_attn.k_proj"), ("self_attn.o_proj",),
@@ -119,8 +129,23 @@ class CalibOptions:
     allocation: str = "none"
     code_embeddings: bool = True  # False: embeddings and lm_head stored losslessly (paid for by the linears)
     allocation_strength: float = 1.0
+    # nowag-p / wanda: unstructured sparsity (fraction removed) or an N:M pattern such as "2:4"
+    sparsity: float | None = None
+    pattern: str | None = None
+    vq_iters: int = 25  # nowag-vq: Lloyd iterations at most (codec.nowag.vq_quantize)
+
+    @property
+    def prune_spec(self) -> PruneSpec:
+        return PruneSpec.parse(self.sparsity, self.pattern)
 
     def __post_init__(self) -> None:
+        if self.sparsity is not None or self.pattern is not None:
+            try:
+                self.prune_spec  # noqa: B018  (validates)
+            except NoWagError as e:
+                raise CalibratedError(str(e)) from None
+        if self.vq_iters < 1:
+            raise CalibratedError(f"vq_iters must be ≥ 1, got {self.vq_iters}")
         if self.allocation not in ("none", *MODES):
             raise CalibratedError(f"allocation must be one of none, {', '.join(MODES)}; got {self.allocation!r}")
         if not self.allocation_strength >= 0:
@@ -166,6 +191,11 @@ def _check_model(src: Path, method: str, bits: float) -> object:
         )
     if method in ("gptq", "rtn") and not (2 <= bits < 9):
         raise CalibratedError(f"--method {method} needs 2 ≤ --bits < 9 (integer bits + group side info)")
+    if method == "nowag-vq":
+        try:
+            vq_dim(bits)
+        except NoWagError as e:
+            raise CalibratedError(str(e)) from None
     return config
 
 
@@ -213,6 +243,17 @@ class LayerCoder:
         else:
             q = rtn_quantize(w, b, GROUP_SIZE)
         return q.dequantize(), q
+
+    def nowag(self, name: str, w: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, str, dict, dict]:
+        """nowag-vq, nowag-p or wanda on one matrix with diag(H) (None: data-free) → (Ŵ, record method, meta,
+        segments). Pruning keeps w's dtype: pass the source-dtype tensor."""
+        hdiag = None if h is None else torch.diagonal(h).cpu()
+        if self.method == "nowag-vq":
+            seed = (self.opts.seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63)
+            r = vq_quantize(w.float(), hdiag, self.bits, max_iter=self.opts.vq_iters, seed=seed)
+            return (r.w_hat, "nowag-vq", *vq_segments(r))
+        p = prune(w, hdiag, self.opts.prune_spec, self.method)
+        return (p.w_hat.float(), "pruned", *prune_segments(p))
 
     def nwc(self, w: torch.Tensor, h: torch.Tensor, level: float,
             feedback: bool = True) -> tuple[torch.Tensor, dict, np.ndarray]:
@@ -378,8 +419,12 @@ class CalibratedCompressor:
                  on_checkpoint: Callable[[Path], None] | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if method not in ("nwc", "gptq", "rtn"):
-            raise CalibratedError(f"unknown method {method!r} (nwc, gptq, rtn)")
+        if method not in METHODS:
+            raise CalibratedError(f"unknown method {method!r} ({', '.join(METHODS)})")
+        if method in PRUNE_METHODS and calib.sparsity is None and calib.pattern is None:
+            raise CalibratedError(f"--method {method} needs --sparsity S (such as 0.5) or --pattern N:M (such as 2:4)")
+        if method not in PRUNE_METHODS and (calib.sparsity is not None or calib.pattern is not None):
+            raise CalibratedError(f"--sparsity and --pattern are for nowag-p and wanda, not {method}")
         self.src, self.out, self.bits, self.method, self.calib = Path(src), Path(out), bits, method, calib
         self.config = _check_model(self.src, method, bits)
         self.dev = resolve_device(device)
@@ -478,9 +523,11 @@ class CalibratedCompressor:
 
     def model_free(self, name: str, w: torch.Tensor) -> torch.Tensor | None:
         """Embedding / lm_head: no Hessian. NWC codes it model-free, GPTQ/RTN round it; lossless on request."""
-        if not self.calib.code_embeddings:
+        if not self.calib.code_embeddings or self.method in PRUNE_METHODS:
             return self.raw(name, w)
         def fn(level):
+            if self.method == "nowag-vq":
+                return self.coder.nowag(name, w, None)
             if self.method == "nwc":
                 decoded, segs, _ = encode_model_free(self.tc, w, level)
                 return decoded, "nwc", {"rows": decoded.shape[0], "cols": decoded.shape[1]}, segs
@@ -502,6 +549,8 @@ class CalibratedCompressor:
             if self.method == "nwc":
                 w_hat, segs, _ = self.coder.nwc(w, h, level)
                 return w_hat, "nwc", {"rows": w.shape[0], "cols": w.shape[1]}, segs
+            if self.method in ("nowag-vq", *PRUNE_METHODS):
+                return self.coder.nowag(name, w.to(parse_dtype(self.by_name[name].dtype)), h)
             w_hat, q = self.coder.fixed_length(w, h)
             meta, segs = to_segments(q)
             return w_hat, self.method, meta, segs
@@ -622,6 +671,7 @@ class CalibratedCompressor:
         header = ContainerHeader(
             info.id if info else "", info.sha256 if info else "", "nwc calibrated",
             {"source": source.root.name, "target_bits": f"{self.bits:g}", "method": self.method,
+             **({"pruning": calib.prune_spec.label} if self.method in PRUNE_METHODS else {}),
              "calibration_sha256": self.cs.sha256, "shards": json.dumps(source.shard_metadata)},
         )
         self.bar = Meter("compress", source.total_params, "w", self.progress, self.on_progress,
@@ -722,7 +772,8 @@ class CalibratedCompressor:
                          "seed": cs.seed, "damp": calib.damp, "act_order": calib.act_order,
                          "finetune_epochs": calib.finetune_epochs, "finetune_lr": calib.finetune_lr,
                          "finetune_val_fraction": calib.finetune_val_fraction,
-                         "finetune_batch": calib.finetune_batch},
+                         "finetune_batch": calib.finetune_batch, "sparsity": calib.sparsity,
+                         "pattern": calib.pattern},
             layers=[asdict(lr) for lr in self.layer_reports],
         )
         (self.out / REPORT_FILE).write_text(report.to_json())

@@ -85,11 +85,15 @@ def _fail(e: Exception | str) -> None:
 def compress(
     src: Path = typer.Argument(..., help="model directory of safetensors shards, or one .safetensors file"),
     out: Path = typer.Option(..., "-o", "--out", help="bundle directory to write"),
-    bits: float = typer.Option(..., "--bits", help="target average bits per weight, every byte counted"),
+    bits: float = typer.Option(None, "--bits", help="target average bits per weight, every byte counted "
+                               "(not for the pruning methods nowag-p and wanda)"),
     codec_id: str = typer.Option(None, "--codec", help="registered codec id (default: the registry's default)"),
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
     seed: int = typer.Option(0, help="seed of the rate-curve sampling and of the calibration windows"),
-    method: str = typer.Option("nwc", help="nwc (learned codec), gptq or rtn (fixed-length baselines)"),
+    method: str = typer.Option("nwc", help="nwc (learned codec), gptq or rtn (fixed-length baselines), nowag-vq "
+                               "(NoWag vector quantization), nowag-p (NoWag pruning) or wanda (pruning baseline)"),
+    sparsity: float = typer.Option(None, help="nowag-p / wanda: fraction of each matrix's weights removed"),
+    pattern: str = typer.Option(None, help="nowag-p / wanda: N:M semi-structured pattern, such as 2:4 or 4:8"),
     calib: str = typer.Option(None, "--calib", help="calibration text: 'wiki' (built-in) or a .txt/.jsonl file; "
                               "enables block-by-block Hessian-guided compression (causal LMs)"),
     calib_seqs: int = typer.Option(32, help="calibration sequences"),
@@ -108,10 +112,13 @@ def compress(
     eval_tokens: int = typer.Option(2048, help="held-out tokens for the verification's perplexity and KL"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
-    """Compress every tensor of SRC to BITS bits/weight: model-free by default, Hessian-guided with --calib."""
-    from codec.calibrated import CalibOptions, CalibratedError, compress_calibrated
+    """Compress every tensor of SRC to BITS bits/weight (or prune it): model-free by default, Hessian-guided with
+    --calib."""
+    from codec.calibrated import METHODS, CalibOptions, CalibratedError, compress_calibrated
     from codec.calibration import CalibrationError
     from codec.container import ContainerError
+    from codec.nowag import PRUNE_METHODS, NoWagError
+    from codec.nowag_free import compress_data_free
     from codec.pipeline import compress_model, keep_embeddings
     from codec.ratecontrol import RateTargetError
     from codec.source import SourceError
@@ -121,17 +128,29 @@ def compress(
         _fail(f"the dense output {dense_dir} exists and is not empty: remove it, pass --dense DIR or "
               "--no-dense-output")
     try:
-        if calib is None and method != "nwc":
+        if method not in METHODS:
+            raise CalibratedError(f"unknown --method {method!r} ({', '.join(METHODS)})")
+        if bits is None:
+            if method not in PRUNE_METHODS:
+                raise CalibratedError(f"--method {method} needs --bits B")
+            bits = 0.0  # pruning has no rate target
+        elif method in PRUNE_METHODS:
+            raise CalibratedError(f"--method {method} prunes: give --sparsity S or --pattern N:M, not --bits")
+        opts = CalibOptions(calib or "wiki", calib_seqs, calib_len, seed, act_order=act_order,
+                            finetune_epochs=finetune_epochs, allocation=allocation,
+                            allocation_strength=allocation_strength, code_embeddings=not raw_embeddings,
+                            sparsity=sparsity, pattern=pattern)
+        if calib is None and method in ("nowag-vq", "nowag-p"):
+            r = compress_data_free(src, out, method, bits, opts, progress=not quiet)
+        elif calib is None and method != "nwc":
             raise CalibratedError(f"--method {method} needs calibration data: add --calib wiki (or a text file)")
-        if calib is None:
+        elif calib is None:
             r = compress_model(src, out, bits, codec_id=codec_id, device=device, progress=not quiet, seed=seed,
                                include=keep_embeddings if raw_embeddings else None)
         else:
-            opts = CalibOptions(calib, calib_seqs, calib_len, seed, act_order=act_order,
-                                finetune_epochs=finetune_epochs, allocation=allocation,
-                                allocation_strength=allocation_strength, code_embeddings=not raw_embeddings)
             r = compress_calibrated(src, out, bits, method, opts, codec_id, device, not quiet, seed)
-    except (SourceError, RateTargetError, ContainerError, LookupError, CalibratedError, CalibrationError) as e:
+    except (SourceError, RateTargetError, ContainerError, LookupError, CalibratedError, CalibrationError,
+            NoWagError) as e:
         _fail(e)
     if verify:
         from dataclasses import asdict
@@ -156,7 +175,8 @@ def compress(
     coded = [t for t in r.tensors if t.nmse is not None]
     mean_nmse = sum(t.nmse * t.rows for t in coded) / max(sum(t.rows for t in coded), 1)
     typer.echo(
-        f"{out}: {r.file_bytes / 1e6:.2f} MB, {r.measured_bits:.3f} bits/weight (target {bits:g}) over "
+        f"{out}: {r.file_bytes / 1e6:.2f} MB, {r.measured_bits:.3f} bits/weight "
+        f"({f'target {bits:g}' if method not in PRUNE_METHODS else opts.prune_spec.label}) over "
         f"{r.total_params:,} params; mean normalized MSE {mean_nmse:.3e}; {r.seconds:.0f} s on {r.device}, "
         f"peak RSS {r.peak_rss_mb:.0f} MB"
     )

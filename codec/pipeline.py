@@ -32,6 +32,7 @@ from codec.container import (
     table_row_bytes,
 )
 from codec.gptq import from_segments
+from codec.nowag import prune_decode, vq_decode
 from codec.progress import Meter, ProgressFn
 from codec.ratecontrol import RateController, RateItem, column_levels, monotone
 from codec.registry import CodecIntegrityError, LoadedCodec, load_codec
@@ -365,12 +366,17 @@ class BundleDecoder:
             w = self.codec().decode(rec.name, rec.shape, int(rec.meta["rows"]), int(rec.meta["cols"]),
                                     s["scales"], s["levels"], s["ans"], s["escapes"])
             return w.to(DTYPES[rec.dtype])
-        if rec.method in ("rtn", "gptq"):
+        if rec.method in ("rtn", "gptq", "nowag-vq", "pruned"):
             try:
-                w = from_segments(rec.meta, rec.segments).dequantize()
-            except (KeyError, ValueError) as e:
+                if rec.method == "nowag-vq":
+                    w = vq_decode(rec.meta, rec.segments)
+                elif rec.method == "pruned":
+                    w = prune_decode(rec.meta, rec.segments, rec.dtype)
+                else:
+                    w = from_segments(rec.meta, rec.segments).dequantize()
+                return w.reshape(rec.shape).to(DTYPES[rec.dtype])
+            except (KeyError, ValueError, RuntimeError) as e:
                 raise TensorDecodeError(rec.name, str(e)) from e
-            return w.reshape(rec.shape).to(DTYPES[rec.dtype])
         raise ValueError(f"tensor {rec.name!r}: unknown method {rec.method!r}")
 
 
