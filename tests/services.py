@@ -91,6 +91,22 @@ class S3Config:
 # ----------------------------------------------------------------------------- process helpers
 
 
+def wait_ready(base: str, proc: subprocess.Popen, logs: Callable[[], str], timeout: float = 120) -> None:
+    """Until `base`/readyz answers 200 (database, broker and store reachable); fails with `logs()` if `proc`
+    exits or the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, logs()
+        time.sleep(0.2)
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct free loopback ports (held open together while choosing, so they differ)."""
     socks = []

@@ -36,6 +36,7 @@ from services import (  # noqa: F401  (pytest fixtures)
     postgres_server,
     redis_url,
     s3_config,
+    wait_ready,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,18 +134,6 @@ class Served:
         return httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {self.key}"}, timeout=60)
 
 
-def _wait_healthy(base: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:  # database, broker and store reachable
-                return
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.3)
-
-
 def _stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)  # serve stops its worker's process group itself
     try:
@@ -188,7 +177,7 @@ def served(tmp_path: Path, hub: FakeHub) -> Iterator[Served]:
     log = tmp_path / "serve.log"
     with _nwc(["serve", "--port", str(port)], env, log) as proc:
         base = f"http://127.0.0.1:{port}"
-        _wait_healthy(base, proc, log)
+        wait_ready(base, proc, log.read_text)
         key = (data / "local-api-key").read_text().strip()  # written by serve's first start, before it listens
         yield Served(base, key, data, log, proc)
 
@@ -212,7 +201,7 @@ def served_production(tmp_path: Path, postgres_server: PostgresServer, redis_url
     log = tmp_path / "api.log"
     with _nwc(["serve", "--no-worker", "--port", str(port)], env, log) as api:
         base = f"http://127.0.0.1:{port}"
-        _wait_healthy(base, api, log)  # serve has migrated the database
+        wait_ready(base, api, log.read_text)  # serve has migrated the database
         key = subprocess.run([sys.executable, "-m", "codec.cli", "admin", "create-key", "--tenant", "ui",
                               "--create-tenant"], env=env, cwd=ROOT, capture_output=True, text=True, check=True
                              ).stdout.strip()

@@ -446,7 +446,7 @@ def test_services_end_to_end_through_the_api(services_dep: Deployment, smollm2_d
     --wait --download`: upload SmolLM2-135M-Instruct → calibrated NWC job at 4 bits → poll → download through
     presigned S3 URLs → transformers loads the dense model, whose perplexity on held-out Wikipedia is within
     PPL_RATIO_BOUND_4BPW of the original's. The suite's one full-model calibrated run (the CLI's is on a cut model)."""
-    from services import free_ports
+    from services import free_ports, wait_ready
 
     from codec.assets import eval_text
     from codec.evaluate import perplexity
@@ -461,15 +461,7 @@ def test_services_end_to_end_through_the_api(services_dep: Deployment, smollm2_d
     dep.workers.append(api)  # stopped (process group killed) with the workers
     import httpx
 
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:  # database, broker and store reachable
-                break
-        except httpx.HTTPError:
-            pass
-        assert api.poll() is None and time.monotonic() < deadline, dep.logs()
-        time.sleep(0.2)
+    wait_ready(base, api, dep.logs)
     key = subprocess.run([sys.executable, "-m", "codec.cli", "admin", "create-key", "--tenant", "e2e",
                           "--create-tenant"], env=env, cwd=ROOT, capture_output=True, text=True, check=True
                          ).stdout.strip()
