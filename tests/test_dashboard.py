@@ -174,7 +174,10 @@ def served(tmp_path: Path, hub: FakeHub) -> Iterator[Served]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NWC_DATA_DIR": str(data), "NWC_WORKER_DEVICE": "cpu",
            "NWC_HF_ENDPOINT": hub.url}
     env.pop("NWC_PUBLIC_URL", None)
-    env.pop("HF_HUB_OFFLINE", None)  # set in this process by codec.evaluate; imports go to the local Hub server
+    # set in this process by codec.assets / codec.evaluate (huggingface_hub reads either); imports go to the local
+    # Hub server
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        env.pop(var, None)
     log = tmp_path / "serve.log"
     with _nwc(["serve", "--port", str(port)], env, log) as proc:
         base = f"http://127.0.0.1:{port}"
