@@ -315,11 +315,13 @@ class NWCClient:
     # ------------------------------------------------------------------ jobs
 
     def submit_job(
-        self, model_id: str, target_bits: float, *, method: str = "nwc", calibration: str | None = None,
+        self, model_id: str, target_bits: float | None, *, method: str = "nwc", calibration: str | None = None,
         outputs: Sequence[str] | None = None, webhook_url: str | None = None, idempotency_key: str | None = None,
         tuning: JobTuning | None = None,
     ) -> JobDetail:
-        body: dict[str, Any] = {"model_id": model_id, "method": method, "target_bits": target_bits}
+        body: dict[str, Any] = {"model_id": model_id, "method": method}
+        if target_bits is not None:  # None for the pruning methods (tuning.sparsity or tuning.pattern instead)
+            body["target_bits"] = target_bits
         if tuning is not None:
             body["tuning"] = tuning.model_dump(exclude_unset=True)
         if calibration is not None:

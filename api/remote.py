@@ -56,8 +56,10 @@ def _line(job: JobDetail) -> str:
 @remote_app.command()
 def submit(
     source: str = typer.Argument(..., help="a local model directory (uploaded), or a Hugging Face model id"),
-    bits: float = typer.Option(..., "--bits", help="target bits per weight"),
-    method: str = typer.Option("nwc", help="nwc, gptq or rtn"),
+    bits: float = typer.Option(None, "--bits", help="target bits per weight (not for nowag-p and wanda)"),
+    method: str = typer.Option("nwc", help="nwc, gptq, rtn, nowag-vq, nowag-p or wanda"),
+    sparsity: float = typer.Option(None, help="nowag-p / wanda: fraction of weights removed"),
+    pattern: str = typer.Option(None, help="nowag-p / wanda: N:M pattern such as 2:4"),
     calib: str = typer.Option(None, "--calib", help="'wiki', 'none', a .txt/.jsonl file (uploaded) or a cal_… id"),
     output: list[str] = typer.Option(None, "--output", help="bundle, dense, report, plots (repeatable)"),
     revision: str = typer.Option("main", help="Hub revision (model ids only)"),
@@ -91,7 +93,7 @@ def submit(
             if calib and Path(calib).is_file():
                 calib = nwc.upload_calibration(calib).id
             given = {"calib_seqs": calib_seqs, "calib_len": calib_len, "finetune_epochs": finetune_epochs,
-                     "allocation": allocation, "eval_tokens": eval_tokens}
+                     "allocation": allocation, "eval_tokens": eval_tokens, "sparsity": sparsity, "pattern": pattern}
             tuning = JobTuning(**{k: v for k, v in given.items() if v is not None})
             job = nwc.submit_job(model_id, bits, method=method, calibration=calib, outputs=output or None,
                                  webhook_url=webhook, idempotency_key=idempotency_key, tuning=tuning)

@@ -431,7 +431,7 @@ def test_tuning_reaches_the_worker_options(server: ApiServer) -> None:  # noqa: 
             "tuning": {"calib_seqs": 8, "calib_len": 128, "finetune_epochs": 2, "allocation": "kl",
                        "allocation_strength": 0.5, "eval_tokens": 512, "seed": 7}}
     job = c.post("/v1/jobs", json=body).json()
-    assert job["tuning"] == body["tuning"] | {"act_order": False}
+    assert job["tuning"] == body["tuning"] | {"act_order": False, "sparsity": None, "pattern": None}
     assert c.get(f"/v1/jobs/{job['id']}").json()["tuning"] == job["tuning"]
     with server.db() as s:
         row = s.get(Job, job["id"])

@@ -448,6 +448,24 @@ def test_dashboard_in_chromium(served: Served, small_llama: Path) -> None:
             assert {"bundle/model.nwc", "report.json"} <= arts and not any(n.startswith("dense/") for n in arts)
             _download_matches(page, api, job_id, "bundle/model.nwc")
 
+        # --- NoWag-P from the form: a pattern instead of bits, data-free; its page names the pattern and offers
+        # the Wanda baseline at the same pattern
+        page.goto(f"{served.base}/ui/jobs/new?model_id={model['id']}")
+        expect(page.get_by_label("Model", exact=True)).to_have_value(model["id"])  # the models have loaded
+        page.get_by_label("Method", exact=True).select_option("nowag-p")
+        expect(page.get_by_label("Target bits per weight", exact=True)).to_be_hidden()
+        page.get_by_label("Pruning: sparsity (such as 0.5) or N:M pattern (such as 2:4)", exact=True).fill("2:4")
+        page.get_by_label("Calibration", exact=True).select_option("none")
+        page.get_by_label("Decoded dense model", exact=True).uncheck()
+        page.locator("#advanced summary").click()
+        page.get_by_label("Evaluation tokens (held-out text)", exact=True).fill("64")
+        page.get_by_role("button", name="Start job").click()
+        page.wait_for_url(re.compile(r"/ui/jobs/job_[0-9a-f]+$"))
+        expect(page.get_by_role("link", name="Download bundle/model.nwc")).to_be_visible(timeout=JOB_TIMEOUT * 1000)
+        expect(page.locator("#job-title")).to_contain_text("NOWAG-P 2:4 sparse")
+        expect(page.locator("#plot-ppl-compare")).to_contain_text("WANDA 2:4 sparse")
+        _shot(page, "job-nowag-p")
+
         # --- import by model ID: an unknown one is refused in plain words, MiniLM comes in from the (local) Hub
         page.locator("nav").get_by_role("link", name="Models", exact=True).click()
         page.wait_for_url("**/ui/models")

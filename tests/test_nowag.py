@@ -216,3 +216,46 @@ def test_cli_data_free_pruning_and_refusals(one_block: Path, tmp_path: Path):
                       (["--method", "nowag-vq"], "needs --bits")]:
         r = run("-o", str(tmp_path / "bad"), *args, "-q")
         assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
+
+
+# ----------------------------------------------------------------------------- the same choices in the API
+
+
+def test_api_job_bodies_for_nowag_and_wanda():
+    from pydantic import ValidationError
+
+    from api.schemas.jobs import JobCreate
+    from worker.options import InvalidJobOptions, JobOptions
+
+    mid = "mdl_" + "0" * 32
+    vq = JobCreate.model_validate({"model_id": mid, "method": "nowag-vq", "target_bits": 2})
+    assert vq.calibration == "wiki"  # calibrated by default, as the other calibrated methods
+    free = JobCreate.model_validate({"model_id": mid, "method": "nowag-p", "calibration": "none",
+                                     "tuning": {"pattern": "2:4"}})
+    assert free.target_bits is None and free.tuning.pattern == "2:4"
+    wanda = JobCreate.model_validate({"model_id": mid, "method": "wanda", "tuning": {"sparsity": 0.5}})
+    assert wanda.calibration == "wiki"
+    for body, msg in [
+        ({"method": "nowag-vq", "target_bits": 2.5}, "12 / bits whole"),
+        ({"method": "nowag-p", "target_bits": 4, "tuning": {"sparsity": 0.5}}, "not target_bits"),
+        ({"method": "nowag-p"}, "exactly one of tuning.sparsity"),
+        ({"method": "wanda", "tuning": {"sparsity": 0.5, "pattern": "2:4"}}, "exactly one of"),
+        ({"method": "wanda", "calibration": "none", "tuning": {"pattern": "2:4"}}, "needs calibration text"),
+        ({"method": "nwc", "target_bits": 4, "tuning": {"sparsity": 0.5}}, "not nwc"),
+        ({"method": "nwc"}, "needs target_bits"),
+        ({"method": "nowag-p", "tuning": {"pattern": "4:2"}}, "N:M with 1 ≤ N < M"),
+        ({"method": "nowag-p", "tuning": {"sparsity": 1.0}}, "less than 1"),
+    ]:
+        with pytest.raises(ValidationError, match=msg):
+            JobCreate.model_validate({"model_id": mid, **body})
+
+    # the worker reads what the API stored (options: calibration + the tuning fields)
+    o = JobOptions.parse("nowag-p", None, {"calibration": "none", "pattern": "2:4"})
+    assert o.bits is None and o.pattern == "2:4" and not o.calibrated
+    assert JobOptions.parse("nowag-vq", 3, {"calibration": "wiki"}).bits == 3.0
+    for method, bits, opts, msg in [("wanda", None, {"calibration": "none", "sparsity": 0.5}, "needs calibration"),
+                                    ("nowag-p", 4, {"sparsity": 0.5}, "no target bits"),
+                                    ("nowag-p", None, {}, "exactly one of"),
+                                    ("rtn", 4, {"calibration": "wiki", "pattern": "2:4"}, "not rtn")]:
+        with pytest.raises(InvalidJobOptions, match=msg):
+            JobOptions.parse(method, bits, opts)

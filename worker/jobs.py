@@ -257,7 +257,9 @@ def stage_plan(ctx: JobContext) -> dict[str, Any]:
     ctx.device = resolve_device(ctx.settings.worker_device)
     plan = {"params": source.total_params, "method": ctx.opts.method, "bits": ctx.opts.bits,
             "calibration": ctx.opts.calibration, "device": ctx.device, "architectures": archs,
-            "estimated_bundle_bytes": int(source.total_params * ctx.opts.bits / 8), "options": ctx.opts.to_dict()}
+            # pruning has no rate: its size follows from the sparsity and the source dtype (docs/NOWAG.md)
+            "estimated_bundle_bytes": None if ctx.opts.bits is None else int(source.total_params * ctx.opts.bits / 8),
+            "options": ctx.opts.to_dict()}
     ctx.set_progress(1.0)
     ctx.event("stage", "planned", plan)
     return plan
@@ -342,9 +344,15 @@ def stage_compress(ctx: JobContext) -> dict[str, Any]:
         if o.allocation_strength is not None:
             extra["allocation_strength"] = o.allocation_strength
         copts = CalibOptions(calib_source, o.calib_seqs, o.calib_len, o.seed, act_order=o.act_order,
-                             finetune_epochs=o.finetune_epochs, **extra)
-        report = compress_calibrated(ctx.model_dir, ctx.out_dir, o.bits, o.method, copts, o.codec_id, ctx.device,
-                                     False, o.seed, on_progress=on_progress, on_checkpoint=mirror)
+                             finetune_epochs=o.finetune_epochs, sparsity=o.sparsity, pattern=o.pattern, **extra)
+        report = compress_calibrated(ctx.model_dir, ctx.out_dir, o.bits or 0.0, o.method, copts, o.codec_id,
+                                     ctx.device, False, o.seed, on_progress=on_progress, on_checkpoint=mirror)
+    elif o.method != "nwc":  # data-free NoWag: diag(H) = 1
+        from codec.nowag_free import compress_data_free
+
+        copts = CalibOptions(seed=o.seed, sparsity=o.sparsity, pattern=o.pattern)
+        report = compress_data_free(ctx.model_dir, ctx.out_dir, o.method, o.bits or 0.0, copts, progress=False,
+                                    on_progress=on_progress)
     else:
         from codec.source import open_source
         from worker.fanout import compress_fanout, fanout_spec

@@ -7,7 +7,8 @@
     calibration_key  object-store key of the uploaded .txt/.jsonl text (must be under tenants/<the job's tenant>/)
     outputs          subset of ["bundle", "dense", "report", "plots"] to publish (default bundle, dense, report;
                      "plots" is accepted and produces nothing yet)
-    calib_seqs, calib_len, eval_tokens, seed, finetune_epochs, allocation, allocation_strength, act_order
+    calib_seqs, calib_len, eval_tokens, seed, finetune_epochs, allocation, allocation_strength, act_order,
+    sparsity, pattern
                      the API's JobTuning fields (api/schemas/jobs.py: their bounds and defaults, checked here too)
     codec_id         a registered codec id (default: the newest)
 
@@ -22,12 +23,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from api.schemas.jobs import JobTuning
+from api.schemas.jobs import MODEL_FREE_METHODS, PRUNE_METHODS, JobTuning
 from api.services.keys import tenant_prefix
 
 __all__ = ["JobOptions", "InvalidJobOptions", "METHODS", "OUTPUTS", "DEFAULT_OUTPUTS"]
 
-METHODS = ("nwc", "gptq", "rtn")
+METHODS = ("nwc", "gptq", "rtn", "nowag-vq", *PRUNE_METHODS)
 OUTPUTS = ("bundle", "dense", "report", "plots")
 DEFAULT_OUTPUTS = ("bundle", "dense", "report")
 
@@ -42,7 +43,7 @@ _TUNING = JobTuning()  # the defaults
 @dataclass(frozen=True)
 class JobOptions:
     method: str
-    bits: float
+    bits: float | None  # None: a pruning method (sparsity or pattern instead)
     calibration: str | None = None  # None | "wiki" | "store" (then calibration_key is set)
     calibration_key: str | None = None
     calib_seqs: int = _TUNING.calib_seqs
@@ -54,6 +55,8 @@ class JobOptions:
     allocation: str | None = _TUNING.allocation  # None: codec.calibrated.CalibOptions' default
     allocation_strength: float | None = _TUNING.allocation_strength
     act_order: bool = _TUNING.act_order
+    sparsity: float | None = None
+    pattern: str | None = None
     codec_id: str | None = None
 
     @property
@@ -66,17 +69,25 @@ class JobOptions:
         return d
 
     @classmethod
-    def parse(cls, method: str, bits: float, options: dict[str, Any] | None, tenant_id: str | None = None
+    def parse(cls, method: str, bits: float | None, options: dict[str, Any] | None, tenant_id: str | None = None
               ) -> JobOptions:
         o = dict(options or {})
         if method not in METHODS:
             raise InvalidJobOptions(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-        try:
-            bits = float(bits)
-        except (TypeError, ValueError):
-            raise InvalidJobOptions(f"target bits must be a number, got {bits!r}") from None
-        if not 0.5 <= bits <= 16:
-            raise InvalidJobOptions(f"target bits must be in [0.5, 16], got {bits}")
+        if method in PRUNE_METHODS:
+            if bits is not None:
+                raise InvalidJobOptions(f"{method} prunes and takes no target bits")
+            if (o.get("sparsity") is None) == (o.get("pattern") is None):
+                raise InvalidJobOptions(f"{method} needs exactly one of sparsity and pattern")
+        else:
+            try:
+                bits = float(bits)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise InvalidJobOptions(f"target bits must be a number, got {bits!r}") from None
+            if not 0.5 <= bits <= 16:
+                raise InvalidJobOptions(f"target bits must be in [0.5, 16], got {bits}")
+            if o.get("sparsity") is not None or o.get("pattern") is not None:
+                raise InvalidJobOptions(f"sparsity and pattern are for {' and '.join(PRUNE_METHODS)}, not {method}")
 
         cal = o.get("calibration")
         key = o.get("calibration_key")
@@ -100,7 +111,7 @@ class JobOptions:
             calibration = "wiki"
         else:
             raise InvalidJobOptions(f'calibration must be null, "none", "wiki" or {{"key": ...}}; got {cal!r}')
-        if method != "nwc" and calibration is None:
+        if method not in MODEL_FREE_METHODS and calibration is None:
             raise InvalidJobOptions(f"method {method} needs calibration data (calibration: \"wiki\" or an upload)")
 
         outputs = o.get("outputs", list(DEFAULT_OUTPUTS))

@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from api.core.config import Settings
-from api.schemas.jobs import METHOD_BITS
+from api.schemas.jobs import METHOD_BITS, MODEL_FREE_METHODS, PRUNE_METHODS
 
 __all__ = ["install", "router", "PAGES"]
 
@@ -65,7 +65,8 @@ def _render(request: Request, template: str, title: str, **context: Any) -> Resp
     resp = templates.TemplateResponse(
         request, template,
         {"title": title, "plotly_url": f"/ui/static/vendor/plotly.min.js?v={plotly_version}",
-         "method_bits": json.dumps(METHOD_BITS), **context},
+         "method_bits": json.dumps(METHOD_BITS), "prune_methods": json.dumps(PRUNE_METHODS),
+         "model_free_methods": json.dumps(MODEL_FREE_METHODS), **context},
     )
     resp.headers["Content-Security-Policy"] = _csp(settings)
     resp.headers["X-Content-Type-Options"] = "nosniff"

@@ -180,7 +180,7 @@ class Job(Base):
     model_id: Mapped[str] = mapped_column(String(40), ForeignKey("models.id", ondelete="RESTRICT"))
     # A string, not an enum: the codec registry owns the list of methods (nwc, gptq, rtn, nowag-vq, ...).
     method: Mapped[str] = mapped_column(String(32))
-    target_bits: Mapped[float] = mapped_column(Float)
+    target_bits: Mapped[float | None] = mapped_column(Float)  # None: a pruning method (no rate target)
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
     state: Mapped[JobState] = mapped_column(str_enum(JobState, name="job_state"), default=JobState.QUEUED)
     stage: Mapped[str | None] = mapped_column(String(64))

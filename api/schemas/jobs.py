@@ -22,13 +22,22 @@ __all__ = [
     "ArtifactOut",
     "CalibrationOut",
     "METHOD_BITS",
+    "PRUNE_METHODS",
+    "MODEL_FREE_METHODS",
 ]
 
-Method = Literal["nwc", "gptq", "rtn"]
+Method = Literal["nwc", "gptq", "rtn", "nowag-vq", "nowag-p", "wanda"]
 Output = Literal["bundle", "dense", "report", "plots"]
 JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 # Accepted target bits per method (the codec's own bounds; nwc checks reachability for the model at run time).
-METHOD_BITS: dict[str, tuple[float, float]] = {"nwc": (1.0, 8.0), "gptq": (2.0, 8.99), "rtn": (2.0, 8.99)}
+# nowag-vq takes the rates whose subvector length 12 / bits is whole (codec/nowag.py: 2, 3 and 4 documented).
+METHOD_BITS: dict[str, tuple[float, float]] = {"nwc": (1.0, 8.0), "gptq": (2.0, 8.99), "rtn": (2.0, 8.99),
+                                               "nowag-vq": (1.0, 6.0)}
+# Pruning methods take a sparsity or an N:M pattern (JobTuning) and no target_bits.
+PRUNE_METHODS = ("nowag-p", "wanda")
+# Methods that run without calibration text (data-free: nowag uses diag(H) = 1).
+MODEL_FREE_METHODS = ("nwc", "nowag-vq", "nowag-p")
+_PATTERN_RE = re.compile(r"^([1-9]|1[0-5]):([2-9]|1[0-6])$")
 _CAL_RE = re.compile(r"^cal_[0-9a-f]{32}$")
 
 _JOB_EXAMPLE: dict[str, Any] = {
@@ -83,6 +92,20 @@ class JobTuning(BaseModel):
     eval_tokens: int = Field(default=2048, ge=16, le=1 << 20, description="Held-out tokens the verification's "
                              "perplexity and KL are measured on.")
     seed: int = Field(default=0, ge=0, le=2**31, description="Seed of the calibration sampling.")
+    sparsity: float | None = Field(default=None, ge=0, lt=1, description="nowag-p and wanda: fraction of each "
+                                   "matrix's weights removed (unstructured). Give this or pattern.")
+    pattern: str | None = Field(default=None, description="nowag-p and wanda: N:M semi-structured pattern (N kept "
+                                "of every M consecutive inputs, 1 ≤ N < M ≤ 16), such as 2:4 or 4:8.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        m = _PATTERN_RE.match(v)
+        if not m or not int(m.group(1)) < int(m.group(2)):
+            raise ValueError("pattern must be N:M with 1 ≤ N < M ≤ 16, such as 2:4")
+        return v
 
 
 class JobCreate(BaseModel):
@@ -97,14 +120,23 @@ class JobCreate(BaseModel):
                  "calibration": "cal_5e4d3c2b1a0f9e8d7c6b5a4f3e2d1c0b"},
                 {"model_id": "mdl_0c4f8e2a9b1d4e7f8a6b5c4d3e2f1a0b", "method": "nwc", "target_bits": 3.0,
                  "calibration": "wiki", "tuning": {"calib_seqs": 64, "finetune_epochs": 2}},
+                {"model_id": "mdl_0c4f8e2a9b1d4e7f8a6b5c4d3e2f1a0b", "method": "nowag-vq", "target_bits": 2,
+                 "calibration": "wiki"},
+                {"model_id": "mdl_0c4f8e2a9b1d4e7f8a6b5c4d3e2f1a0b", "method": "nowag-p", "calibration": "wiki",
+                 "tuning": {"pattern": "2:4"}},
             ]
         },
     )
 
     model_id: str = Field(min_length=1, max_length=40)
-    method: Method = Field(default="nwc", description="nwc (learned codec), gptq or rtn (fixed-length baselines).")
-    target_bits: float = Field(
-        description="Average bits per weight over the whole file. nwc: 1–8; gptq and rtn: 2 ≤ bits < 9."
+    method: Method = Field(default="nwc", description="nwc (learned codec), gptq or rtn (fixed-length baselines), "
+                           "nowag-vq (NoWag vector quantization), nowag-p (NoWag pruning) or wanda (pruning "
+                           "baseline). docs/NOWAG.md.")
+    target_bits: float | None = Field(
+        default=None,
+        description="Average bits per weight over the whole file. nwc: 1–8; gptq and rtn: 2 ≤ bits < 9; nowag-vq: "
+        "2, 3 or 4 (any b with 12/b whole, 1–6). Not for nowag-p and wanda, which take tuning.sparsity or "
+        "tuning.pattern.",
     )
     calibration: str | None = Field(
         default=None,
@@ -155,12 +187,28 @@ class JobCreate(BaseModel):
 
     @model_validator(mode="after")
     def _method_bits(self) -> JobCreate:
-        lo, hi = METHOD_BITS[self.method]
-        if not lo <= self.target_bits <= hi:
-            raise ValueError(f"target_bits for {self.method} must be in {lo:g}..{hi:g}, got {self.target_bits:g}")
+        pruning = self.tuning.sparsity is not None or self.tuning.pattern is not None
+        if self.method in PRUNE_METHODS:
+            if self.target_bits is not None:
+                raise ValueError(f"{self.method} prunes: give tuning.sparsity or tuning.pattern, not target_bits")
+            if (self.tuning.sparsity is None) == (self.tuning.pattern is None):
+                raise ValueError(f"{self.method} needs exactly one of tuning.sparsity (such as 0.5) and "
+                                 "tuning.pattern (such as 2:4)")
+        else:
+            if pruning:
+                raise ValueError(f"tuning.sparsity and tuning.pattern are for nowag-p and wanda, not {self.method}")
+            if self.target_bits is None:
+                raise ValueError(f"method {self.method} needs target_bits")
+            lo, hi = METHOD_BITS[self.method]
+            if not lo <= self.target_bits <= hi:
+                raise ValueError(f"target_bits for {self.method} must be in {lo:g}..{hi:g}, got {self.target_bits:g}")
+            d = 12 / self.target_bits
+            if self.method == "nowag-vq" and abs(d - round(d)) > 1e-9:
+                raise ValueError(f"target_bits for nowag-vq must make 12 / bits whole (2, 3, 4, …), "
+                                 f"got {self.target_bits:g}")
         if self.calibration is None:
             self.calibration = "none" if self.method == "nwc" else "wiki"
-        if self.method != "nwc" and self.calibration == "none":
+        if self.method not in MODEL_FREE_METHODS and self.calibration == "none":
             raise ValueError(f"method {self.method} needs calibration text: use 'wiki' or an uploaded text")
         return self
 
@@ -171,7 +219,7 @@ class JobOut(BaseModel):
     id: str
     model_id: str
     method: str
-    target_bits: float
+    target_bits: float | None = Field(description="null for the pruning methods (nowag-p, wanda).")
     calibration: str
     outputs: list[str]
     tuning: JobTuning

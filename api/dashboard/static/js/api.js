@@ -217,6 +217,13 @@ export function badge(state) {
   return el("span", { class: `badge state-${state}` }, STATE_LABEL[state] || state);
 }
 
+/** "at 4 bits", or for a pruning job its sparsity ("50 % sparse") or N:M pattern ("2:4 sparse"). */
+export function rateLabel(job) {
+  if (job.target_bits != null) return `at ${job.target_bits} bits`;
+  const t = job.tuning || {};
+  return t.pattern ? `${t.pattern} sparse` : `${Math.round(100 * (t.sparsity || 0))} % sparse`;
+}
+
 /** Time left or taken, in words, for a job. */
 export function jobTiming(job) {
   if (job.state === "running") {

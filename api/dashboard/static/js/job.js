@@ -1,7 +1,7 @@
 // Job detail: live state and stage timeline (polled every 2 s until the job ends), cancel / retry, then the
 // artifacts with presigned download links, the evaluation report, the plots and the per-layer table.
 import {
-  api, ApiError, badge, clearAlerts, el, every, fmtBytes, fmtDate, fmtDuration, fmtNumber, jobTiming, listAll,
+  api, ApiError, badge, clearAlerts, el, every, fmtBytes, fmtDate, fmtDuration, fmtNumber, jobTiming, listAll, rateLabel,
   requireKey, showError, showNotice,
 } from "./api.js";
 import { bitsPerLayerPlot, pplVsBitsPlot } from "./charts.js";
@@ -29,13 +29,13 @@ function main() {
 
   function renderJob() {
     document.getElementById("job-title").textContent =
-      `${job.method.toUpperCase()} at ${job.target_bits} bits${model ? ` · ${model.name}` : ""}`;
+      `${job.method.toUpperCase()} ${rateLabel(job)}${model ? ` · ${model.name}` : ""}`;
     document.title = `Job ${job.id.slice(0, 12)} · NWC`;
     const t = job.tuning;
     document.getElementById("job-summary").replaceChildren(
       ...summaryItem("State", badge(job.state)),
       ...summaryItem("Model", model ? el("span", {}, model.name) : job.model_id),
-      ...summaryItem("Method", `${job.method.toUpperCase()}, target ${job.target_bits} bits/weight`),
+      ...summaryItem("Method", `${job.method.toUpperCase()}, ${job.target_bits == null ? rateLabel(job) : `target ${job.target_bits} bits/weight`}`),
       ...summaryItem("Calibration", job.calibration === "none" ? "none (model-free)" : job.calibration),
       ...summaryItem("Outputs", job.outputs.join(", ")),
       ...summaryItem("Evaluation tokens", String(t.eval_tokens)),
@@ -197,7 +197,7 @@ function main() {
     const v = r.verification || {};
     const e = v.evaluation;
     const items = [
-      ...summaryItem("Measured bits/weight", `${fmtNumber(r.measured_bits, 3)} (target ${r.target_bits})`),
+      ...summaryItem("Measured bits/weight", `${fmtNumber(r.measured_bits, 3)} (${job.target_bits == null ? rateLabel(job) : `target ${r.target_bits}`})`),
       ...summaryItem("Compressed size", `${fmtBytes(r.file_bytes)} for ${fmtNumber(r.total_params, 0)} parameters`),
       ...summaryItem("Compression time", `${fmtDuration(r.seconds)} on ${r.device}`),
       ...summaryItem("Verification", v.ok ? `passed in a fresh process (${fmtDuration(v.seconds)})` : `failed at ${v.stage}: ${v.error}`),
@@ -284,17 +284,20 @@ function main() {
     bitsPerLayerPlot("plot-bits", r.tensors || [], r.measured_bits);
   }
 
-  /** Links to the new-job form, filled in for a baseline (RTN, GPTQ) of this model at this job's bits and on the same
-   * evaluation tokens, for each baseline the plot does not show yet. */
+  /** Links to the new-job form, filled in for a baseline of this model on the same evaluation tokens, for each
+   * baseline the plot does not show yet: RTN and GPTQ at this job's bits, or Wanda (and NoWag-P) at this pruning
+   * job's sparsity or pattern. */
   function compareLinks(points) {
+    const pruning = job.target_bits == null;
     const shown = new Set([job.method, ...points.map((p) => p.method)]);
-    const missing = ["rtn", "gptq"].filter((m) => !shown.has(m));
+    const missing = (pruning ? ["wanda", "nowag-p"] : ["rtn", "gptq"]).filter((m) => !shown.has(m));
     const box = document.getElementById("plot-ppl-compare");
     if (!missing.length) return box.replaceChildren();
     const calibration = job.calibration === "none" ? "wiki" : job.calibration; // the baselines need calibration
+    const rate = pruning ? { prune: job.tuning.pattern || String(job.tuning.sparsity) } : { bits: String(job.target_bits) };
     const links = missing.map((m) => el("a", {
-      href: `/ui/jobs/new?${new URLSearchParams({ model_id: job.model_id, method: m, bits: String(job.target_bits), calibration, eval_tokens: String(job.tuning.eval_tokens) })}`,
-    }, `${m.toUpperCase()} at ${job.target_bits} bits`));
+      href: `/ui/jobs/new?${new URLSearchParams({ model_id: job.model_id, method: m, ...rate, calibration, eval_tokens: String(job.tuning.eval_tokens) })}`,
+    }, `${m.toUpperCase()} ${rateLabel(job)}`));
     box.replaceChildren("Compare with a baseline on the same tokens: start ",
       ...links.flatMap((a, i) => (i ? [" or ", a] : [a])), ".");
   }

@@ -1,6 +1,6 @@
 // Jobs list: state, progress bar and time left of every job, polled every 2 s. Rows are updated in place
 // (not rebuilt), so keyboard focus and screen-reader position survive the refreshes.
-import { api, badge, el, every, fmtDate, jobTiming, listAll, requireKey, shortId, showError } from "./api.js";
+import { api, badge, el, every, fmtDate, jobTiming, listAll, rateLabel, requireKey, shortId, showError } from "./api.js";
 
 const POLL_MS = 2000;
 
@@ -27,7 +27,7 @@ function main() {
         el("a", { href: `/ui/jobs/${encodeURIComponent(job.id)}`, class: "job-link" }, shortId(job.id))),
       model: el("td", { "data-label": "Model" }),
       method: el("td", { "data-label": "Method" }, job.method.toUpperCase()),
-      bits: el("td", { "data-label": "Bits" }, String(job.target_bits)),
+      bits: el("td", { "data-label": "Bits" }, job.target_bits == null ? rateLabel(job) : String(job.target_bits)),
       state: el("td", { "data-label": "State" }),
       progress: el("td", { "data-label": "Progress" }),
       time: el("td", { "data-label": "Time" }),

@@ -8,6 +8,9 @@ async function main() {
   const form = document.getElementById("job-form");
   // The API's accepted bits per method (api/schemas/jobs.py METHOD_BITS), rendered into the page by the server.
   const BITS = JSON.parse(form.dataset.methodBits);
+  const PRUNE = JSON.parse(form.dataset.pruneMethods); // no target bits: a sparsity or an N:M pattern
+  const MODEL_FREE = JSON.parse(form.dataset.modelFreeMethods); // run without calibration text too
+  const pruneInput = document.getElementById("job-prune");
   const modelSel = document.getElementById("job-model");
   const methodSel = document.getElementById("job-method");
   const bitsInput = document.getElementById("job-bits");
@@ -20,7 +23,9 @@ async function main() {
 
   function updatePrediction() {
     const bits = parseFloat(bitsInput.value);
-    if (!detail) {
+    if (PRUNE.includes(methodSel.value)) {
+      predicted.textContent = "no rate target: pruning keeps the kept weights in the model's dtype";
+    } else if (!detail) {
       predicted.textContent = "select a model";
     } else if (!detail.parameter_count) {
       predicted.textContent = "unknown (the service could not count this model's parameters)";
@@ -47,12 +52,18 @@ async function main() {
   }
 
   function updateMethod() {
-    const [lo, hi] = BITS[methodSel.value];
-    bitsInput.min = lo;
-    bitsInput.max = hi;
+    const pruning = PRUNE.includes(methodSel.value);
+    document.getElementById("prune-field").hidden = !pruning;
+    document.getElementById("bits-field").hidden = pruning;
+    if (!pruning) {
+      const [lo, hi] = BITS[methodSel.value];
+      bitsInput.min = lo;
+      bitsInput.max = hi;
+    }
     const none = calSel.querySelector("option[value=none]");
-    none.disabled = methodSel.value !== "nwc";
+    none.disabled = !MODEL_FREE.includes(methodSel.value);
     if (none.disabled && calSel.value === "none") calSel.value = "wiki";
+    updatePrediction();
   }
 
   /** Settings from the address (the job page's "compare with a baseline" links): method, bits, calibration and
@@ -64,6 +75,8 @@ async function main() {
     if (bits) bitsInput.value = bits;
     const cal = query.get("calibration");
     if (cal && [...calSel.options].some((o) => o.value === cal)) calSel.value = cal;
+    const prune = query.get("prune");
+    if (prune) pruneInput.value = prune;
     const evalTokens = query.get("eval_tokens");
     if (evalTokens) form.elements.eval_tokens.value = evalTokens;
   }
@@ -119,14 +132,19 @@ async function main() {
     const allocation = form.elements.allocation.value;
     if (allocation) tuning.allocation = allocation;
     if (form.elements.act_order.checked) tuning.act_order = true;
+    if (PRUNE.includes(methodSel.value)) {
+      const v = pruneInput.value.trim();
+      if (v.includes(":")) tuning.pattern = v;
+      else tuning.sparsity = Number(v);
+    }
     const body = {
       model_id: modelSel.value,
       method: methodSel.value,
-      target_bits: Number(bitsInput.value),
       calibration: calSel.value,
       outputs,
       tuning,
     };
+    if (!PRUNE.includes(methodSel.value)) body.target_bits = Number(bitsInput.value);
     const webhook = form.elements.webhook_url.value.trim();
     if (webhook) body.webhook_url = webhook;
     const button = document.getElementById("create-job");
