@@ -4,6 +4,9 @@ const METHOD = {
   nwc: { name: "NWC", color: "#1f6feb", symbol: "circle" },
   gptq: { name: "GPTQ", color: "#d97706", symbol: "square" },
   rtn: { name: "RTN", color: "#7c3aed", symbol: "diamond" },
+  "nowag-vq": { name: "NoWag-VQ", color: "#059669", symbol: "triangle-up" },
+  "nowag-p": { name: "NoWag-P", color: "#b91c1c", symbol: "x" },
+  wanda: { name: "Wanda", color: "#0891b2", symbol: "cross" },
   raw: { name: "stored as is", color: "#6b7280", symbol: "circle" },
 };
 
@@ -40,7 +43,7 @@ export function pplVsBitsPlot(id, { self, others, original, tokens }) {
       hovertemplate: "%{text}<br>%{x:.3f} bits/weight<br>perplexity %{y:.3f}<extra></extra>",
     });
   }
-  const sm = METHOD[self.method] || METHOD.nwc;
+  const sm = METHOD[self.method] || { name: self.method, color: "#374151" };
   traces.push({
     type: "scatter", mode: "markers", name: `this job (${sm.name})`,
     x: [self.bits], y: [self.ppl], text: [self.id],
