@@ -76,7 +76,13 @@ METHODS = {  # label -> extra CLI arguments
     "nwc-ft": ["--method", "nwc", "--calib", "wiki", "--finetune-epochs", "2"],
     "gptq": ["--method", "gptq", "--calib", "wiki"],
     "rtn": ["--method", "rtn", "--calib", "wiki"],
+    "nowag-vq": ["--method", "nowag-vq", "--calib", "wiki"],
 }
+
+
+def accepts(variant: str, target: float) -> bool:
+    """nowag-vq has settings only where 12 / bits is whole (2, 3, 4, 6 in a 2–6 sweep; docs/NOWAG.md)."""
+    return variant != "nowag-vq" or abs(12 / target - round(12 / target)) < 1e-9
 
 
 @dataclass
@@ -139,7 +145,8 @@ def sweep(variants: dict[str, list[str]], targets: list[float], args: argparse.N
     old = json.loads(saved.read_text()) if keep else {"calib": calib, "points": []}
     points = [Point(**p) for p in old["points"]] if old.get("calib") == calib else []
     have = {(p.method, p.target) for p in points}
-    todo = [] if args.render_only else [(v, t) for t in targets for v in variants if (v, float(t)) not in have]
+    todo = [] if args.render_only else [(v, t) for t in targets for v in variants
+                                        if (v, float(t)) not in have and accepts(v, t)]
     lock = threading.Lock()
 
     def one(vt: tuple[str, float]) -> None:
@@ -181,9 +188,10 @@ def render(points: list[Point], args: argparse.Namespace, seconds: float) -> str
         f"{args.calib_seqs} sequences × {args.calib_len} tokens, seed 0. `nwc-free` = NWC without calibration "
         "(model-free); `nwc` = NWC with LDLQ feedback and Hessian water-filling of per-column rates; GPTQ/RTN: "
         "group 128, asymmetric, fp16 scale + min, embeddings RTN at the same bits; `nwc-ft` = `nwc` plus block "
-        "fine-tuning (2 epochs; row scales of coded layers, weights not yet coded, norms). Bits = 8 × container "
-        "bytes / all parameters. Compress seconds are wall time on a shared 2-core machine running two points at "
-        "once (indicative only).",
+        "fine-tuning (2 epochs; row scales of coded layers, weights not yet coded, norms); `nowag-vq` = NoWag vector "
+        "quantization (docs/NOWAG.md; diag(H)-weighted k-means, d = 12 / bits, embedding coded data-free). "
+        "Bits = 8 × container bytes / all parameters. Compress seconds are wall time on a shared 2-core machine "
+        "running two points at once (indicative only).",
         "",
         f"> **Caveat.** {model.caveat}",
         "",
