@@ -115,11 +115,12 @@ def test_calibrated_cli_end_to_end(small_llama: Path, tmp_path: Path):
 
 
 CRASH_RUN = """
-import sys
+import json, sys
 from pathlib import Path
 from codec.calibrated import CalibOptions, compress_calibrated
 compress_calibrated(Path(sys.argv[1]), Path(sys.argv[2]), 3.0, sys.argv[3],
-                    CalibOptions(n_seq=4, seq_len=128, finetune_epochs=int(sys.argv[4])), device="cpu", progress=False)
+                    CalibOptions(n_seq=4, seq_len=128, finetune_epochs=int(sys.argv[4]), **json.loads(sys.argv[5])),
+                    device="cpu", progress=False)
 """
 
 
@@ -137,12 +138,14 @@ def _same_reports(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize(("method", "finetune"), [("nwc", 0), ("nwc", 1), ("gptq", 1)])
-def test_resume_after_sigkill_gives_identical_bundle(small_llama: Path, tmp_path: Path, method: str, finetune: int):
+@pytest.mark.parametrize(("method", "finetune", "extra"), [("nwc", 0, {}), ("nwc", 1, {}), ("gptq", 1, {}),
+                                                           ("wanda", 0, {"pattern": "2:4"})])
+def test_resume_after_sigkill_gives_identical_bundle(small_llama: Path, tmp_path: Path, method: str, finetune: int,
+                                                     extra: dict):
     import signal
     import time
 
-    opts = CalibOptions(n_seq=4, seq_len=128, finetune_epochs=finetune)
+    opts = CalibOptions(n_seq=4, seq_len=128, finetune_epochs=finetune, **extra)
     ref = compress_calibrated(small_llama, tmp_path / "ref", 3.0, method, opts, device="cpu", progress=False)
     ref_bytes = (tmp_path / "ref" / "model.nwc").read_bytes()
 
@@ -152,8 +155,8 @@ def test_resume_after_sigkill_gives_identical_bundle(small_llama: Path, tmp_path
     # block fine-tuning (Adam) a last-ulp difference can move a GPTQ rounding, so bit-identical resumption holds for
     # one environment (a resumed job on a worker with other threads gives a valid, not byte-identical, bundle).
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "-c", CRASH_RUN, str(small_llama), str(crashed), method, str(finetune)],
-                            env=env)
+    proc = subprocess.Popen([sys.executable, "-c", CRASH_RUN, str(small_llama), str(crashed), method, str(finetune),
+                             json.dumps(extra)], env=env)
     try:
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
