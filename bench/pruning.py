@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.quality import MODELS, nwc, protocol, provenance
+from bench.quality import MODELS, measure, protocol, provenance
 from bench.report import replace_section
 from codec.assets import eval_text
-from codec.evaluate import evaluate_pair
 
 VARIANTS = {  # label -> CLI arguments besides the pattern
     "nowag-p": ["--method", "nowag-p", "--calib", "wiki"],
@@ -48,19 +46,8 @@ def pattern_args(pattern: str) -> list[str]:
 
 
 def run(label: str, pattern: str, args: argparse.Namespace, text: str, runs: Path) -> PrunePoint:
-    out = runs / f"{label}-{pattern.replace(':', 'of')}"
-    shutil.rmtree(out, ignore_errors=True)
-    extra = list(VARIANTS[label])
-    if "--calib" in extra:
-        extra += ["--calib-seqs", str(args.calib_seqs), "--calib-len", str(args.calib_len)]
-    source = MODELS[args.model].source()
-    nwc("compress", str(source), "-o", str(out / "bundle"), *pattern_args(pattern), "-q", "--no-verify",
-        "--no-dense-output", *extra)
-    nwc("decompress", str(out / "bundle"), "-o", str(out / "dense"), "-q")
-    report = json.loads((out / "bundle" / "report.json").read_text())
-    ev = evaluate_pair(source, out / "dense", text, max_tokens=args.eval_tokens, window=1024,
-                       text_name="held-out Wikipedia (codec.assets.eval_text)")
-    shutil.rmtree(out / "dense")
+    report, ev = measure(runs / f"{label}-{pattern.replace(':', 'of')}", [*VARIANTS[label], *pattern_args(pattern)],
+                         args, text)
     return PrunePoint(label, pattern, report["measured_bits"], ev.compressed.ppl, ev.original.ppl, ev.kl,
                       ev.top1_agreement, report["seconds"])
 

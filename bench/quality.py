@@ -39,7 +39,7 @@ import torch
 
 from bench.report import replace_section
 from codec.assets import eval_text, gemma3_dir, smollm2_dir
-from codec.evaluate import evaluate_pair
+from codec.evaluate import EvalReport, evaluate_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,21 +107,26 @@ def nwc(*args: str) -> None:
 def run_point(label: str, cli_args: list[str], target: float, args: argparse.Namespace, text: str,
               runs: Path) -> Point:
     """One point: `nwc compress` with `cli_args` at `target` bits, decompress, evaluate against the original."""
-    out = runs / f"{label}-{target:g}"
+    report, ev = measure(runs / f"{label}-{target:g}", [*cli_args, "--bits", f"{target:g}"], args, text)
+    return Point(label, target, report["measured_bits"], ev.compressed.ppl, ev.original.ppl, ev.kl,
+                 ev.top1_agreement, report["seconds"], report["peak_rss_mb"], ev.generation_compressed)
+
+
+def measure(out: Path, cli_args: list[str], args: argparse.Namespace, text: str) -> tuple[dict, EvalReport]:
+    """`nwc compress` with `cli_args` (plus the calibration size when calibrated) into `out`, decompress, evaluate
+    against the original; returns the compressor's report and the evaluation."""
     shutil.rmtree(out, ignore_errors=True)
     extra = list(cli_args)
     if "--calib" in extra:
         extra += ["--calib-seqs", str(args.calib_seqs), "--calib-len", str(args.calib_len)]
     source = MODELS[args.model].source()
-    nwc("compress", str(source), "-o", str(out / "bundle"), "--bits", f"{target:g}", "-q", "--no-verify",
-        "--no-dense-output", *extra)
+    nwc("compress", str(source), "-o", str(out / "bundle"), "-q", "--no-verify", "--no-dense-output", *extra)
     nwc("decompress", str(out / "bundle"), "-o", str(out / "dense"), "-q")
     report = json.loads((out / "bundle" / "report.json").read_text())
     ev = evaluate_pair(source, out / "dense", text, max_tokens=args.eval_tokens, window=1024,
                        text_name="held-out Wikipedia (codec.assets.eval_text)")
     shutil.rmtree(out / "dense")
-    return Point(label, target, report["measured_bits"], ev.compressed.ppl, ev.original.ppl, ev.kl,
-                 ev.top1_agreement, report["seconds"], report["peak_rss_mb"], ev.generation_compressed)
+    return report, ev
 
 
 def add_sweep_args(ap: argparse.ArgumentParser) -> None:
