@@ -108,14 +108,15 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--calib-seqs", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=256)
-    ap.add_argument("--resume", action="store_true", help="keep finished points of runs/pruning*/points.json")
+    ap.add_argument("--resume", action="store_true", help="keep finished points of docs/data/pruning*-points.json")
     ap.add_argument("--render-only", action="store_true", help="only redraw the section from the saved points")
     args = ap.parse_args()
     t0 = time.time()
     model = MODELS[args.model]
     runs = model.runs().parent / f"pruning{model.suffix}"
     runs.mkdir(parents=True, exist_ok=True)
-    saved = runs / "points.json"
+    saved = model.points_path("pruning")
+    saved.parent.mkdir(parents=True, exist_ok=True)
     setup = {"calib_seqs": args.calib_seqs, "calib_len": args.calib_len, "eval_tokens": args.eval_tokens}
     old = json.loads(saved.read_text()) if (args.resume or args.render_only) and saved.exists() else {}
     points = [PrunePoint(**p) for p in old.get("points", [])] if old.get("setup") == setup else []

@@ -8,8 +8,9 @@
 docs/quality.png from runs/quality/; `--model gemma3` (Gemma-3-270m, the second architecture) writes section
 `quality-gemma3` and docs/quality-gemma3.png from runs/quality-gemma3/.
 
-Points run `--jobs` at a time; each finished point is saved to runs/quality/points.json at once, and `--resume`
-skips points already there (same method, target and calibration), so a long run can be continued.
+Points run `--jobs` at a time; each finished point is saved at once to docs/data/quality-points.json (committed
+with the docs; bundles go to runs/quality/), and `--resume` skips points already there (same method, target and
+calibration), so a long run can be continued.
 
 Each point: `nwc compress` in a fresh process (its report gives measured bits, seconds and peak RSS), `nwc
 decompress`, then `evaluate_pair` against the original on the held-out Wikipedia slice (perplexity of both, KL of
@@ -57,6 +58,11 @@ class EvalModel:
 
     def plot_path(self) -> Path:
         return ROOT / "docs" / f"quality{self.suffix}.png"
+
+    def points_path(self, bench: str = "quality") -> Path:
+        """Measured points are committed beside the docs (small JSON), so `--resume` and `--render-only` work from
+        a fresh clone and a later sweep adds to the published one instead of starting over."""
+        return ROOT / "docs" / "data" / f"{bench}{self.suffix}-points.json"
 
 
 MODELS = {
@@ -135,16 +141,18 @@ def add_sweep_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--calib-seqs", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--jobs", type=int, default=1, help="points run at once (each is a few processes)")
-    ap.add_argument("--resume", action="store_true", help="keep finished points of RUNS/points.json")
-    ap.add_argument("--render-only", action="store_true", help="only redraw docs from RUNS/points.json")
+    ap.add_argument("--resume", action="store_true", help="keep finished points of docs/data/*-points.json")
+    ap.add_argument("--render-only", action="store_true", help="only redraw docs from docs/data/*-points.json")
 
 
-def sweep(variants: dict[str, list[str]], targets: list[float], args: argparse.Namespace, runs: Path) -> list[Point]:
-    """Every (variant, target) point, `args.jobs` at a time; each finished point is saved to runs/points.json at
-    once, and `--resume` / `--render-only` reuse the saved points of the same calibration and evaluation."""
+def sweep(variants: dict[str, list[str]], targets: list[float], args: argparse.Namespace, runs: Path,
+          saved: Path) -> list[Point]:
+    """Every (variant, target) point, `args.jobs` at a time, compressed under `runs`; each finished point is saved to
+    `saved` at once, and `--resume` / `--render-only` reuse the saved points of the same calibration and
+    evaluation."""
     text = eval_text()
     runs.mkdir(parents=True, exist_ok=True)
-    saved = runs / "points.json"
+    saved.parent.mkdir(parents=True, exist_ok=True)
     calib = {"calib_seqs": args.calib_seqs, "calib_len": args.calib_len, "eval_tokens": args.eval_tokens}
     keep = (args.resume or args.render_only) and saved.exists()
     old = json.loads(saved.read_text()) if keep else {"calib": calib, "points": []}
@@ -289,7 +297,7 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.time()
     model = MODELS[args.model]
-    points = sweep({m: METHODS[m] for m in args.methods}, args.targets, args, model.runs())
+    points = sweep({m: METHODS[m] for m in args.methods}, args.targets, args, model.runs(), model.points_path())
     plot(points, model.plot_path())
     replace_section(f"quality{model.suffix}", render(points, args, time.time() - t0))
 
