@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench.quality import MODELS, ROOT, Point, add_sweep_args, protocol, provenance, sweep
+from bench.quality import MODELS, ROOT, Point, add_sweep_args, section_head, sweep
 from bench.report import replace_section
 
 CALIB = ["--method", "nwc", "--calib", "wiki"]
@@ -27,16 +27,11 @@ VARIANTS = {  # label -> (allocation, strength)
 
 def render(points: list[Point], args: argparse.Namespace, seconds: float) -> str:
     lines = [
-        f"## Rate across layers (`--allocation`, {MODELS[args.model].title})",
-        "",
-        provenance("bench.allocation", args, seconds),
-        "",
-        f"Protocol: {protocol(args)}. Calibrated NWC ({args.calib_seqs} × {args.calib_len} calibration tokens, "
+        *section_head(f"Rate across layers (`--allocation`, {MODELS[args.model].title})", "bench.allocation", args,
+                      seconds, f"Calibrated NWC ({args.calib_seqs} × {args.calib_len} calibration tokens, "
         "no fine-tuning); each mode shifts every linear layer's level by 2·strength·log2(a_L / geomean a) for its "
-        "measured sensitivity a_L (codec/allocation.py); `none` gives every tensor one shared level.",
-        "",
-        f"FP32 original: perplexity {points[0].ppl_fp:.3f}.",
-        "",
+        "measured sensitivity a_L (codec/allocation.py); `none` gives every tensor one shared level.", None,
+                      points[0].ppl_fp),
         "| allocation | strength | target | measured bits/weight | perplexity | KL (nats/token) | top-1 agreement |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -57,9 +52,10 @@ def main() -> None:
     t0 = time.time()
     variants = {v: [*CALIB, "--allocation", VARIANTS[v][0], "--allocation-strength", f"{VARIANTS[v][1]:g}"]
                 for v in args.variants}
-    suffix = MODELS[args.model].suffix
-    points = sweep(variants, args.targets, args, ROOT / "runs" / f"allocation{suffix}")
-    replace_section(f"allocation{suffix}", render(points, args, time.time() - t0))
+    model = MODELS[args.model]
+    points = sweep(variants, args.targets, args, ROOT / "runs" / f"allocation{model.suffix}",
+                   model.points_path("allocation"))
+    replace_section(f"allocation{model.suffix}", render(points, args, time.time() - t0))
 
 
 if __name__ == "__main__":

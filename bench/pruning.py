@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.quality import MODELS, measure, protocol, provenance
+from bench.quality import MODELS, measure, section_head
 from bench.report import replace_section
 from codec.assets import eval_text
 
@@ -60,20 +60,12 @@ def render(points: list[PrunePoint], args: argparse.Namespace, seconds: float) -
     fp = points[0].ppl_fp
     model = MODELS[args.model]
     lines = [
-        f"## Pruning: NoWag-P vs Wanda ({model.title})",
-        "",
-        provenance("bench.pruning", args, seconds),
-        "",
-        f"Protocol: {protocol(args)}. Calibration (nowag-p, wanda): built-in Wikipedia split, {args.calib_seqs} × "
+        *section_head(f"Pruning: NoWag-P vs Wanda ({model.title})", "bench.pruning", args, seconds,
+                      "Calibration (nowag-p, wanda): built-in Wikipedia split, {args.calib_seqs} × "
         f"{args.calib_len} tokens, seed 0, statistics of the already-pruned blocks upstream (docs/NOWAG.md). "
         "Decoder linears are pruned; embeddings, lm_head and norms stay dense. Kept weights keep their values (no "
         "update). Bits = 8 × container bytes / all parameters (kept values in the source dtype + the ANS-coded "
-        "mask).",
-        "",
-        f"> **Caveat.** {model.caveat}",
-        "",
-        f"FP32 original: perplexity {fp:.3f}.",
-        "",
+        "mask).", model.caveat, fp),
         "| pattern | method | perplexity | Δ vs FP (%) | KL (nats/token) | top-1 agreement | bits/weight "
         "| compress s |",
         "|---|---|---|---|---|---|---|---|",

@@ -189,27 +189,28 @@ def provenance(module: str, args: argparse.Namespace, seconds: float) -> str:
                else f"wall time {seconds / 60:.0f} min."))
 
 
+def section_head(title: str, module: str, args: argparse.Namespace, seconds: float, method_text: str,
+                 caveat: str | None, ppl_fp: float) -> list[str]:
+    """The lines every model-quality section starts with: title, provenance, protocol, caveat, the FP line."""
+    lines = [f"## {title}", "", provenance(module, args, seconds), "", f"Protocol: {protocol(args)}. {method_text}", ""]
+    if caveat:
+        lines += [f"> **Caveat.** {caveat}", ""]
+    return [*lines, f"FP32 original: perplexity {ppl_fp:.3f}.", ""]
+
+
 def render(points: list[Point], args: argparse.Namespace, seconds: float) -> str:
     fp = points[0].ppl_fp
     model = MODELS[args.model]
     lines = [
-        f"## Model quality vs bits ({model.title})",
-        "",
-        provenance("bench.quality", args, seconds),
-        "",
-        f"Protocol: {protocol(args)}. Calibration: built-in Wikipedia calibration split (first 80 % of articles), "
+        *section_head(f"Model quality vs bits ({model.title})", "bench.quality", args, seconds,
+                      "Calibration: built-in Wikipedia calibration split (first 80 % of articles), "
         f"{args.calib_seqs} sequences × {args.calib_len} tokens, seed 0. `nwc-free` = NWC without calibration "
         "(model-free); `nwc` = NWC with LDLQ feedback and Hessian water-filling of per-column rates; GPTQ/RTN: "
         "group 128, asymmetric, fp16 scale + min, embeddings RTN at the same bits; `nwc-ft` = `nwc` plus block "
         "fine-tuning (2 epochs; row scales of coded layers, weights not yet coded, norms); `nowag-vq` = NoWag vector "
         "quantization (docs/NOWAG.md; diag(H)-weighted k-means, d = 12 / bits, embedding coded data-free). "
         "Bits = 8 × container bytes / all parameters. Compress seconds are wall time on a shared 2-core machine "
-        "running two points at once (indicative only).",
-        "",
-        f"> **Caveat.** {model.caveat}",
-        "",
-        f"FP32 original: perplexity {fp:.3f}.",
-        "",
+        "running two points at once (indicative only).", model.caveat, fp),
         "| method | target | measured bits/weight | perplexity | Δ vs FP (%) | KL (nats/token) | top-1 agreement |"
         " compress s | peak RSS MB | greedy continuation |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Neural Weight Compression (NWC).")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Neural Weight Compression (NWC).",
+                  epilog="Service commands (loaded on use): nwc admin --help (tenants, API keys), "
+                         "nwc remote --help (submit, status, download against a running service).")
 
 
 @app.callback()
