@@ -123,7 +123,7 @@ def measure(out: Path, cli_args: list[str], args: argparse.Namespace, text: str)
     against the original; returns the compressor's report and the evaluation."""
     shutil.rmtree(out, ignore_errors=True)
     extra = list(cli_args)
-    if "--calib" in extra:
+    if "--calib" in extra and "--calib-seqs" not in extra:  # a variant may choose its own calibration size
         extra += ["--calib-seqs", str(args.calib_seqs), "--calib-len", str(args.calib_len)]
     source = MODELS[args.model].source()
     nwc("compress", str(source), "-o", str(out / "bundle"), "-q", "--no-verify", "--no-dense-output", *extra)
