@@ -251,6 +251,12 @@ def goals(points: list[Point]) -> list[str]:
         verdict = "better" if r.ppl < g.ppl else "**worse**"
         out.append(f"- GPTQ {g.ppl:.4g} at {g.bits:.2f} bits vs {r.method} {r.ppl:.4g} at {r.bits:.2f} bits: NWC "
                    f"{verdict}.")
+    by = {(p.method, p.target): p for p in points}
+    for v in sorted((p for p in points if p.method == "nowag-vq"), key=lambda p: p.target):
+        rivals = [by[m, v.target] for m in ("gptq", "nwc") if (m, v.target) in by]
+        if rivals:
+            out.append(f"- NoWag-VQ {v.ppl:.4g} at {v.bits:.2f} bits vs " + ", ".join(
+                f"{r.method} {r.ppl:.4g} at {r.bits:.2f} bits" for r in rivals) + ".")
     return out
 
 
