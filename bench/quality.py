@@ -143,6 +143,8 @@ def add_sweep_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--jobs", type=int, default=1, help="points run at once (each is a few processes)")
     ap.add_argument("--resume", action="store_true", help="keep finished points of docs/data/*-points.json")
     ap.add_argument("--render-only", action="store_true", help="only redraw docs from docs/data/*-points.json")
+    ap.add_argument("--redo", action="store_true",
+                    help="with --resume: measure the asked points again (replacing their saved values), keep the rest")
 
 
 def sweep(variants: dict[str, list[str]], targets: list[float], args: argparse.Namespace, runs: Path,
@@ -157,6 +159,9 @@ def sweep(variants: dict[str, list[str]], targets: list[float], args: argparse.N
     keep = (args.resume or args.render_only) and saved.exists()
     old = json.loads(saved.read_text()) if keep else {"calib": calib, "points": []}
     points = [Point(**p) for p in old["points"]] if old.get("calib") == calib else []
+    if getattr(args, "redo", False) and not args.render_only:
+        asked = {(v, float(t)) for v in variants for t in targets}
+        points = [p for p in points if (p.method, p.target) not in asked]
     have = {(p.method, p.target) for p in points}
     todo = [] if args.render_only else [(v, t) for t in targets for v in variants
                                         if (v, float(t)) not in have and accepts(v, t)]
