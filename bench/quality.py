@@ -103,6 +103,17 @@ class Point:
     compress_s: float
     peak_rss_mb: float
     generation: str
+    measured: str = ""  # UTC date of the run; a resumed sweep mixes dates, and the section says which
+
+
+def measured_on(points: list[Point]) -> str:
+    """One line naming the run dates of the points and the targets each date covers."""
+    by: dict[str, list[Point]] = {}
+    for p in points:
+        by.setdefault(p.measured or "date not recorded", []).append(p)
+    return "Points measured on " + "; ".join(
+        f"{d} ({len(ps)} points, targets {', '.join(f'{t:g}' for t in sorted({p.target for p in ps}))})"
+        for d, ps in sorted(by.items())) + "."
 
 
 def nwc(*args: str) -> None:
@@ -115,7 +126,8 @@ def run_point(label: str, cli_args: list[str], target: float, args: argparse.Nam
     """One point: `nwc compress` with `cli_args` at `target` bits, decompress, evaluate against the original."""
     report, ev = measure(runs / f"{label}-{target:g}", [*cli_args, "--bits", f"{target:g}"], args, text)
     return Point(label, target, report["measured_bits"], ev.compressed.ppl, ev.original.ppl, ev.kl,
-                 ev.top1_agreement, report["seconds"], report["peak_rss_mb"], ev.generation_compressed)
+                 ev.top1_agreement, report["seconds"], report["peak_rss_mb"], ev.generation_compressed,
+                 f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d}")
 
 
 def measure(out: Path, cli_args: list[str], args: argparse.Namespace, text: str) -> tuple[dict, EvalReport]:
@@ -215,7 +227,7 @@ def render(points: list[Point], args: argparse.Namespace, seconds: float) -> str
         "fine-tuning (2 epochs; row scales of coded layers, weights not yet coded, norms); `nowag-vq` = NoWag vector "
         "quantization (docs/NOWAG.md; diag(H)-weighted k-means, d = 12 / bits, embedding coded data-free). "
         "Bits = 8 × container bytes / all parameters. Compress seconds are wall time on a shared 2-core machine "
-        "running two points at once (indicative only).", model.caveat, fp),
+        "running two points at once (indicative only). " + measured_on(points), model.caveat, fp),
         "| method | target | measured bits/weight | perplexity | Δ vs FP (%) | KL (nats/token) | top-1 agreement |"
         " compress s | peak RSS MB | greedy continuation |",
         "|---|---|---|---|---|---|---|---|---|---|",
