@@ -61,7 +61,7 @@ def render(points: list[PrunePoint], args: argparse.Namespace, seconds: float) -
     model = MODELS[args.model]
     lines = [
         *section_head(f"Pruning: NoWag-P vs Wanda ({model.title})", "bench.pruning", args, seconds,
-                      "Calibration (nowag-p, wanda): built-in Wikipedia split, {args.calib_seqs} × "
+                      f"Calibration (nowag-p, wanda): built-in Wikipedia split, {args.calib_seqs} × "
         f"{args.calib_len} tokens, seed 0, statistics of the already-pruned blocks upstream (docs/NOWAG.md). "
         "Decoder linears are pruned; embeddings, lm_head and norms stay dense. Kept weights keep their values (no "
         "update). Bits = 8 × container bytes / all parameters (kept values in the source dtype + the ANS-coded "

@@ -103,14 +103,14 @@ class Point:
     compress_s: float
     peak_rss_mb: float
     generation: str
-    measured: str = ""  # UTC date of the run; a resumed sweep mixes dates, and the section says which
+    measured: str  # UTC date of the run; a resumed sweep mixes dates, and the section says which
 
 
 def measured_on(points: list[Point]) -> str:
     """One line naming the run dates of the points and the targets each date covers."""
     by: dict[str, list[Point]] = {}
     for p in points:
-        by.setdefault(p.measured or "date not recorded", []).append(p)
+        by.setdefault(p.measured, []).append(p)
     return "Points measured on " + "; ".join(
         f"{d} ({len(ps)} points, targets {', '.join(f'{t:g}' for t in sorted({p.target for p in ps}))})"
         for d, ps in sorted(by.items())) + "."
@@ -156,7 +156,7 @@ def add_sweep_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--resume", action="store_true", help="keep finished points of docs/data/*-points.json")
     ap.add_argument("--render-only", action="store_true", help="only redraw docs from docs/data/*-points.json")
     ap.add_argument("--redo", action="store_true",
-                    help="with --resume: measure the asked points again (replacing their saved values), keep the rest")
+                    help="measure the asked points again (replacing their saved values), keep the other saved ones")
 
 
 def sweep(variants: dict[str, list[str]], targets: list[float], args: argparse.Namespace, runs: Path,
@@ -168,10 +168,10 @@ def sweep(variants: dict[str, list[str]], targets: list[float], args: argparse.N
     runs.mkdir(parents=True, exist_ok=True)
     saved.parent.mkdir(parents=True, exist_ok=True)
     calib = {"calib_seqs": args.calib_seqs, "calib_len": args.calib_len, "eval_tokens": args.eval_tokens}
-    keep = (args.resume or args.render_only) and saved.exists()
+    keep = (args.resume or args.redo or args.render_only) and saved.exists()
     old = json.loads(saved.read_text()) if keep else {"calib": calib, "points": []}
     points = [Point(**p) for p in old["points"]] if old.get("calib") == calib else []
-    if getattr(args, "redo", False) and not args.render_only:
+    if args.redo and not args.render_only:
         asked = {(v, float(t)) for v in variants for t in targets}
         points = [p for p in points if (p.method, p.target) not in asked]
     have = {(p.method, p.target) for p in points}
