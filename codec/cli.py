@@ -10,9 +10,15 @@ from pathlib import Path
 
 import typer
 
+# The service's command groups, mounted only when asked for (main) so the codec commands never import the web
+# stack: name -> (module:attribute, what `nwc --help` says of it).
+SERVICE_GROUPS = {
+    "admin": ("api.admin:admin_app", "tenants, API keys"),
+    "remote": ("api.remote:remote_app", "submit, status, download against a running service"),
+}
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Neural Weight Compression (NWC).",
-                  epilog="Service commands (loaded on use): nwc admin --help (tenants, API keys), "
-                         "nwc remote --help (submit, status, download against a running service).")
+                  epilog="Service commands (loaded on use): " + ", ".join(
+                      f"nwc {name} --help ({what})" for name, (_, what) in SERVICE_GROUPS.items()) + ".")
 
 
 @app.callback()
@@ -447,17 +453,19 @@ def _stop_group(proc, grace: float) -> None:
         pass
 
 
-SERVICE_GROUPS = {"admin": "api.admin:admin_app", "remote": "api.remote:remote_app"}
+def service_group(name: str) -> typer.Typer:
+    """The Typer app of service command group `name` (a key of SERVICE_GROUPS), imported on use."""
+    import importlib
+
+    module, attr = SERVICE_GROUPS[name][0].split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def main() -> None:
     """Entry point of `nwc`. The service's command groups (`nwc admin …`, `nwc remote …`) are mounted only when
     asked for, so the codec commands never import the web stack."""
-    import importlib
-
     if len(sys.argv) > 1 and sys.argv[1] in SERVICE_GROUPS:
-        module, attr = SERVICE_GROUPS[sys.argv[1]].split(":")
-        app.add_typer(getattr(importlib.import_module(module), attr), name=sys.argv[1])
+        app.add_typer(service_group(sys.argv[1]), name=sys.argv[1])
     app()
 
 

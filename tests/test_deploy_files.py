@@ -328,8 +328,7 @@ def cli_problems(argv: list[str]) -> list[str]:
     args = argv[1:]
     app, path, mounted = cli.app, [], 0
     if args and args[0] in cli.SERVICE_GROUPS:  # mounted lazily by codec.cli.main, as `nwc` does
-        module, attr = cli.SERVICE_GROUPS[args[0]].split(":")
-        app, path, args, mounted = getattr(importlib.import_module(module), attr), [args[0]], args[1:], 1
+        app, path, args, mounted = cli.service_group(args[0]), [args[0]], args[1:], 1
     # typer >= 0.20 vendors its own click (typer._click): duck-typed, not isinstance(click.Group).
     cmd = typer.main.get_command(app)
     while hasattr(cmd, "commands"):
